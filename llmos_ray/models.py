@@ -1,0 +1,205 @@
+"""Model presets (one table), Hugging Face loading, parameter counts and FLOPs per token.
+
+Every family has every size, from `tiny` (tests, < 1M parameters) to `7b`; the shapes of the
+large ones follow the public models they are named after (GPT-2, Llama 3.2 1B, Llama 2 7B).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from llmos_ray.errors import ModelError
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    """Transformer blocks."""
+    d_model: int
+    """Hidden size."""
+    n_head: int
+    """Attention heads."""
+    context: int
+    """Maximum positions the preset is built for (raised to seq_len when that is longer)."""
+    n_kv_head: Optional[int] = None
+    """Key/value heads (grouped-query attention, llama); None = n_head."""
+    d_ff: Optional[int] = None
+    """MLP hidden size; None = 4 * d_model (gpt2) or the llama rule (8/3 d rounded to 64)."""
+
+
+PRESETS: dict[str, dict[str, Shape]] = {
+    "gpt2": {
+        "tiny": Shape(2, 64, 2, 512),
+        "small": Shape(4, 256, 4, 1024),
+        "125m": Shape(12, 768, 12, 1024),
+        "350m": Shape(24, 1024, 16, 1024),
+        "1b": Shape(24, 2048, 16, 2048),
+        "7b": Shape(32, 4096, 32, 2048),
+    },
+    "llama": {
+        "tiny": Shape(2, 64, 2, 512, n_kv_head=1),
+        "small": Shape(4, 256, 4, 1024, n_kv_head=2),
+        "125m": Shape(12, 768, 12, 2048, n_kv_head=4),
+        "350m": Shape(24, 1024, 16, 2048, n_kv_head=8),
+        "1b": Shape(16, 2048, 32, 4096, n_kv_head=8, d_ff=8192),
+        "7b": Shape(32, 4096, 32, 4096, d_ff=11008),
+    },
+}
+
+
+def _llama_ff(d_model: int) -> int:
+    return 64 * ((8 * d_model // 3 + 63) // 64)
+
+
+def preset_config(family: str, size: str, vocab_size: int, seq_len: int, bos_id: int = 0,
+                  eos_id: int = 0, pad_id: Optional[int] = None, overrides: Optional[dict] = None):
+    """The transformers config of a preset, sized for `vocab_size` and at least `seq_len` positions."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if family not in PRESETS:
+        raise ModelError(f"model.family {family!r} is unknown; choose one of {sorted(PRESETS)}")
+    if size not in PRESETS[family]:
+        raise ModelError(f"model.size {size!r} is unknown; choose one of {list(PRESETS[family])}")
+    s = PRESETS[family][size]
+    positions = max(s.context, seq_len)
+    special = dict(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=s.d_model, n_layer=s.n_layer,
+                            n_head=s.n_head, n_inner=s.d_ff, **special)
+    else:
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=s.d_model, num_hidden_layers=s.n_layer,
+                             num_attention_heads=s.n_head, num_key_value_heads=s.n_kv_head or s.n_head,
+                             intermediate_size=s.d_ff or _llama_ff(s.d_model), max_position_embeddings=positions,
+                             tie_word_embeddings=size in ("tiny", "small", "125m", "350m", "1b"), **special)
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ModelError(f"model.overrides: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def is_local_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
+
+
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, **kwargs):
+    """Load a causal LM from a local Hugging Face directory (our export included) or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    local = is_local_model(name_or_path)
+    if not local and (os.path.sep in name_or_path.strip("/") and os.path.exists(os.path.dirname(name_or_path))):
+        raise ModelError(f"model directory {name_or_path!r} has no config.json: is it a Hugging Face export?")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(name_or_path) if local else name_or_path,
+            trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise ModelError(
+            f"cannot load model {name_or_path!r}: not a local Hugging Face directory and not reachable on the "
+            f"hub ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and FLOPs
+
+
+def _dims(config) -> dict:
+    """Family-independent shape of a transformers config."""
+    get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None) is not None)  # noqa: E731
+    d = get("hidden_size", "n_embd")
+    heads = get("num_attention_heads", "n_head")
+    return dict(
+        d=d, L=get("num_hidden_layers", "n_layer"), V=config.vocab_size, heads=heads,
+        kv=getattr(config, "num_key_value_heads", None) or heads,
+        ff=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d,
+        P=getattr(config, "n_positions", 0) if config.model_type == "gpt2" else 0,
+        tied=bool(getattr(config, "tie_word_embeddings", True)),
+    )
+
+
+def param_counts(config) -> dict[str, int]:
+    """{'total', 'embedding', 'non_embedding'} parameters of a gpt2 or llama config, computed from its
+    shape (no model is built, so this works for 7B on a laptop)."""
+    x = _dims(config)
+    d, L, V, ff = x["d"], x["L"], x["V"], x["ff"]
+    if config.model_type == "gpt2":
+        block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * ff + ff) + (ff * d + d)
+        embedding = V * d + x["P"] * d
+        total = embedding + L * block + 2 * d
+        lm_head = 0 if x["tied"] else V * d
+    elif config.model_type == "llama":
+        kv_dim = d // x["heads"] * x["kv"]
+        block = 2 * d * d + 2 * d * kv_dim + 3 * d * ff + 2 * d
+        embedding = V * d
+        lm_head = 0 if x["tied"] else V * d
+        total = embedding + L * block + d
+    else:
+        raise ModelError(f"param_counts knows gpt2 and llama, not {config.model_type!r}; use count_parameters(model)")
+    total += lm_head
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def count_parameters(model) -> int:
+    """Unique parameters of an instantiated model (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward: 6N + 12·L·d·T (PaLM appendix B, nanoGPT's
+    estimate_mfu), where N counts the weights used in matmuls: all parameters except the position
+    table and, when the output head is untied, the input embedding lookup."""
+    x = _dims(config)
+    n = param_counts(config)["total"] - x["P"] * x["d"] - (0 if x["tied"] else x["V"] * x["d"])
+    return 6 * n + 12 * x["L"] * x["d"] * seq_len
+
+
+# Peak dense bf16/fp16 tensor FLOP/s by GPU name fragment (vendor datasheets, without sparsity).
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A6000": 155e12, "V100": 125e12, "T4": 65e12,
+    "4090": 165e12, "3090": 71e12, "MI300X": 1307e12, "MI250X": 383e12,
+}
+
+
+def gpu_peak_flops(device_name: str) -> Optional[float]:
+    """Datasheet peak for a GPU name as torch reports it, or None when unknown."""
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if key.lower() in device_name.lower():
+            return GPU_PEAK_FLOPS[key]
+    return None
+
+
+def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of this process's torch threads on a dense fp32 matmul: the CPU's practical peak."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def mfu(flops_per_tok: float, tokens_per_s: float, peak_flops_total: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices used."""
+    return flops_per_tok * tokens_per_s / peak_flops_total if peak_flops_total > 0 else 0.0
+
+
+def zero_memory_per_device(n_params: int, stage: int, world: int) -> dict[str, float]:
+    """Bytes per device for parameters, gradients and Adam states under mixed-precision ZeRO
+    (Rajbhandari et al.: 2Ψ fp16 params, 2Ψ fp16 grads, 12Ψ fp32 master params + Adam moments)."""
+    p, g, o = 2.0 * n_params, 2.0 * n_params, 12.0 * n_params
+    if stage >= 1:
+        o /= world
+    if stage >= 2:
+        g /= world
+    if stage >= 3:
+        p /= world
+    return {"params": p, "grads": g, "optimizer": o, "total": p + g + o}

@@ -1,0 +1,72 @@
+"""Shared fixtures: one Ray instance for the session, a tiny tokenizer and a tiny exported model.
+
+Ray gets 4 logical CPUs on this 2-core machine: Train workers and Ray Data tasks then both find
+CPUs (see ../shared/STACK-NOTES.md). A test that proves the 2-CPU defaults never hang starts its
+own Ray in a subprocess.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RAY_NUM_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+def stdlib_texts(n: int = 40) -> list[str]:
+    """Real text present on every machine: the first `n` modules of the standard library."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:n]
+    return [open(f, encoding="utf-8", errors="replace").read() for f in files]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> str:
+    from llmos_ray.data.tokenizer import train_tokenizer
+
+    out = str(tmp_path_factory.mktemp("tok") / "tokenizer")
+    train_tokenizer(stdlib_texts(), vocab_size=512, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
+    """An untrained gpt2-tiny saved as a Hugging Face directory with our tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from llmos_ray.data.tokenizer import load_tokenizer
+    from llmos_ray.models import preset_config
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = preset_config("gpt2", "tiny", len(tok), 128, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out = str(tmp_path_factory.mktemp("model") / "tiny")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(out)
+    return out
