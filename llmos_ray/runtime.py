@@ -1,0 +1,47 @@
+"""Connecting to Ray: the cluster in RAY_ADDRESS (as under `ray job submit`) or a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Environment every llmos worker needs; set in the job's runtime_env when we start Ray ourselves.
+WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the running cluster (RAY_ADDRESS, or inside a Ray job) or start a local Ray.
+    Does nothing when Ray is already initialised (a driver script or a test did it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "HF_TOKEN", "HF_HUB_OFFLINE", "DS_ACCELERATOR",
+                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=None)
+    log.info("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
+
+
+def worker_resources(cpus_per_worker: float | None, num_workers: int, use_gpu: bool) -> dict:
+    """CPUs per training worker. Unless the config fixes it: at most 1, and never so many that Ray Data
+    is left without a CPU — on a 2-CPU machine 2 workers get 0.5 each (a full CPU each hangs the
+    data pipeline forever; see STACK-NOTES)."""
+    import ray
+
+    if cpus_per_worker is None:
+        total = float(ray.cluster_resources().get("CPU", 1))
+        cpus_per_worker = round(min(1.0, max(0.1, (total - 1.0) / num_workers)), 2)
+    res = {"CPU": cpus_per_worker}
+    if use_gpu:
+        res["GPU"] = 1
+    return res

@@ -1,0 +1,194 @@
+"""Checkpoints: save through ray.train.report, read back, consolidate, export to Hugging Face.
+
+Layout of one checkpoint (a `checkpoint_<step>` folder in the run's storage, local or s3://):
+
+    llmos_state.json        step, tokens seen, data position, world size, ZeRO stage, precision
+    config.yaml             the resolved run config
+    model/config.json       the transformers config
+    tokenizer/              the tokenizer the run trained with
+    ds/                     DeepSpeed's sharded model + optimizer + scheduler states (every rank's files)
+    rng/rank<r>.pt          each rank's RNG states
+
+Every rank writes its own files into a local temp dir and reports it; Ray Train merges all ranks'
+folders into one checkpoint and registers it only when every rank's upload finished, so a crash
+mid-save leaves no checkpoint that resume would pick. `llmos_state.json` is written last by rank 0
+and names the world size, so `validate` can tell a complete checkpoint from a damaged one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from llmos_ray.config import Config, save_config
+from llmos_ray.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "llmos_state.json"
+DS_DIR = "ds"
+DS_TAG = "state"
+
+
+def save_and_report(engine, cfg: Config, tokenizer, model_config, state: dict, metrics: dict, rank: int) -> None:
+    """Collective: every rank saves its DeepSpeed shards and RNG, then reports the folder to Ray."""
+    import ray.train
+    import torch
+
+    local = tempfile.mkdtemp(prefix=f"llmos-ckpt-r{rank}-")
+    try:
+        ds_dir = os.path.join(local, DS_DIR)
+        os.makedirs(ds_dir, exist_ok=True)
+        engine.save_checkpoint(ds_dir, tag=DS_TAG)
+        os.makedirs(os.path.join(local, "rng"), exist_ok=True)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(local, "rng", f"rank{rank}.pt"))
+        if rank == 0:
+            save_config(cfg, os.path.join(local, "config.yaml"))
+            model_config.save_pretrained(os.path.join(local, "model"))
+            tokenizer.save_pretrained(os.path.join(local, "tokenizer"))
+            with open(os.path.join(local, STATE_FILE), "w") as f:
+                json.dump(state, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _as_checkpoint(ckpt):
+    import ray.train
+
+    if isinstance(ckpt, ray.train.Checkpoint):
+        return ckpt
+    if not isinstance(ckpt, str) or not ckpt:
+        raise CheckpointError(f"expected a checkpoint path or URI, got {ckpt!r}")
+    path = ckpt.removeprefix("file://")
+    if "://" not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+    return ray.train.Checkpoint(path)
+
+
+def _read_bytes(ckpt, relpath: str) -> bytes:
+    ckpt = _as_checkpoint(ckpt)
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{relpath}") as f:
+            return f.read()
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path!r} has no {relpath} ({e}); is it an llmos checkpoint "
+                              f"(a checkpoint_* folder of a run's storage)?") from None
+
+
+def read_state(ckpt) -> dict[str, Any]:
+    """The small JSON record of a checkpoint: step, tokens_seen, data position, world_size, ZeRO stage."""
+    return json.loads(_read_bytes(ckpt, STATE_FILE))
+
+
+def read_rng(ckpt, rank: int) -> Optional[dict]:
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(_read_bytes(ckpt, f"rng/rank{rank}.pt")), weights_only=False)
+    except CheckpointError:
+        return None
+
+
+def validate(ckpt) -> dict[str, Any]:
+    """Check that every rank's DeepSpeed files are present; return the state or raise CheckpointError."""
+    ckpt = _as_checkpoint(ckpt)
+    state = read_state(ckpt)
+    from pyarrow import fs as pafs
+
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(f"{ckpt.path.rstrip('/')}/{DS_DIR}/{DS_TAG}",
+                                                            allow_not_found=True))
+    names = {os.path.basename(i.path) for i in infos}
+    world, stage = state["world_size"], state["zero_stage"]
+    if stage == 0:
+        expected = {"mp_rank_00_model_states.pt"}
+    elif stage == 3:
+        expected = {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(world) for kind in ("model", "optim")}
+    else:
+        expected = {"mp_rank_00_model_states.pt"} | {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)}
+    missing = sorted(expected - names)
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt.path!r} is incomplete: missing {', '.join(missing)}")
+    return state
+
+
+def load_engine(engine, ckpt, state: dict) -> None:
+    """Restore model, optimizer and scheduler states saved by the same number of workers."""
+    ckpt = _as_checkpoint(ckpt)
+    with ckpt.as_directory() as d:
+        path, _ = engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt.path!r}")
+
+
+def consolidated_state_dict(ckpt) -> dict:
+    """The full fp32 model state dict of a checkpoint, whatever its ZeRO stage and worker count
+    (ZeRO-3 shards gathered on CPU, no process group needed)."""
+    import torch
+
+    ckpt = _as_checkpoint(ckpt)
+    state = read_state(ckpt)
+    with ckpt.as_directory() as d:
+        ds_dir = os.path.join(d, DS_DIR)
+        if state["zero_stage"] == 0:
+            sd = torch.load(os.path.join(ds_dir, DS_TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)["module"]
+            return {k: v.float() for k, v in sd.items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)
+
+
+def rescale_position(position: dict, old_world: int, new_world: int) -> dict:
+    """Data position for a different worker count: the same number of blocks consumed in total."""
+    return {"epoch": position["epoch"], "micro_batches": position["micro_batches"] * old_world // new_world}
+
+
+def export(checkpoint: Union[str, Any], out_dir: str) -> str:
+    """Write a checkpoint as a Hugging Face model directory (config.json, model.safetensors,
+    tokenizer, generation_config.json, llmos_config.yaml). The directory appears complete or not at all."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    ckpt = _as_checkpoint(checkpoint)
+    state = validate(ckpt)
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with ckpt.as_directory() as d:
+        config = AutoConfig.from_pretrained(os.path.join(d, "model"))
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(d, "tokenizer"))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(consolidated_state_dict(ckpt), strict=True, assign=True)
+        model.tie_weights()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.get("precision"), torch.float32)
+        model = model.to(dtype)
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+        for key, value in ids.items():
+            setattr(model.config, key, value)
+        model.generation_config = GenerationConfig(**ids)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.copy(os.path.join(d, "config.yaml"), os.path.join(tmp, "llmos_config.yaml"))
+        with open(os.path.join(tmp, "llmos_state.json"), "w") as f:
+            json.dump(dict(state, checkpoint=ckpt.path), f)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    log.info("exported %s -> %s", ckpt.path, out_dir)
+    return out_dir

@@ -1,0 +1,101 @@
+"""The DeepSpeed config dict, built by pure functions of our Config (tested without starting anything)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from llmos_ray.config import Config
+from llmos_ray.errors import ConfigError
+
+
+def choose_precision(requested: str, device: str, bf16_supported: bool = False) -> str:
+    """'auto' → bf16 on GPUs that support it, fp16 (with dynamic loss scaling) on older GPUs, fp32 on CPU."""
+    if requested != "auto":
+        if device == "cpu" and requested == "fp16":
+            raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+        return requested
+    if device == "cpu":
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step so that micro * accumulation * world = global batch."""
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size is None:
+        return 1
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size * workers = {per_step}")
+    return t.global_batch_size // per_step
+
+
+def uses_client_optimizer(cfg: Config, device: str) -> bool:
+    """On CPU without offload we hand DeepSpeed a torch AdamW (no fused-Adam C++ build); everywhere
+    else DeepSpeed builds its own (FusedAdam on GPU, DeepSpeedCPUAdam with optimizer offload)."""
+    return device == "cpu" and not cfg.deepspeed.offload_optimizer
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: str, precision: str) -> dict[str, Any]:
+    """DeepSpeed's JSON config for this run."""
+    t, ds = cfg.train, cfg.deepspeed
+    accum = accumulation_steps(cfg, world_size)
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "steps_per_print": 1 << 30,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": ds.zero_stage},
+    }
+    zero = out["zero_optimization"]
+    if ds.zero_stage >= 1:
+        zero.update({"reduce_bucket_size": 5e7, "contiguous_gradients": True, "overlap_comm": device != "cpu"})
+    if ds.zero_stage >= 2:
+        zero.update({"allgather_bucket_size": 5e7, "reduce_scatter": True})
+    if ds.zero_stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
+                     "stage3_gather_16bit_weights_on_model_save": True})
+    if ds.offload_optimizer:
+        if ds.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device != "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device != "cpu"}
+    if precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                       "hysteresis": 2, "min_loss_scale": 1}
+    if not uses_client_optimizer(cfg, device):
+        out["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+                                                         "weight_decay": t.weight_decay}}
+    if t.activation_checkpointing:
+        out["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+    return _merge(out, ds.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate multiplier at optimizer step `step` (0-based): linear warmup to 1, then cosine
+    decay to `min_lr_ratio` at `max_steps`."""
+    t = cfg.train
+    if t.warmup_steps > 0 and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    decay_steps = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / decay_steps)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,326 @@
+"""The per-worker training loop: one function that Ray Train runs on every worker.
+
+    model ─ DeepSpeed engine (ZeRO 0-3, precision, accumulation, clipping, AdamW, warmup+cosine)
+    data  ─ this worker's streaming shard, packed blocks → micro-batches
+    step  ─ forward, backward, optimizer step; log, evaluate, checkpoint through ray.train.report
+
+Pretraining and fine-tuning share it; they differ in the batches (`targets` of -100 carry no loss).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from llmos_ray.config import Config, from_dict
+
+log = logging.getLogger(__name__)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Entry point for `TorchTrainer(train_loop_per_worker=...)`. `loop_config` holds the resolved
+    config (as a dict), the tokenizer, validation blocks and, optionally, a checkpoint to start from."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed first picks its accelerator
+    import deepspeed
+
+    from llmos_ray.models import flops_per_token, gpu_peak_flops, measure_cpu_peak_flops, mfu
+    from llmos_ray.train import checkpoint as ckpt_io
+    from llmos_ray.train.deepspeed import choose_precision, deepspeed_config, lr_at, uses_client_optimizer
+
+    cfg: Config = from_dict(loop_config["config"])
+    tokenizer = loop_config["tokenizer"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+
+    device = _device()
+    precision = choose_precision(cfg.train.precision, device.type,
+                                 device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ds_config = deepspeed_config(cfg, world, device.type, precision)
+    accum = ds_config["gradient_accumulation_steps"]
+
+    # Where to start: a checkpoint Ray restored after a failure wins over the one the driver chose.
+    start = ray.train.get_checkpoint() or loop_config.get("resume_from")
+    restored = ckpt_io.read_state(start) if start is not None else None
+    reshard = restored is not None and restored["world_size"] != world
+
+    _seed_everything(cfg.run.seed)
+    model = build_model(cfg, tokenizer, ds_config if not reshard else None)
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    if reshard:  # a different worker count: start from the consolidated weights, fresh optimizer moments
+        log.warning("checkpoint was written by %d workers, resuming on %d: loading consolidated weights; "
+                    "optimizer moments restart", restored["world_size"], world)
+        model.load_state_dict(ckpt_io.consolidated_state_dict(start), strict=True)
+
+    optimizer = None
+    if uses_client_optimizer(cfg, device.type):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                      weight_decay=cfg.train.weight_decay)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, model_parameters=model.parameters(),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)),
+        dist_init_required=False)
+
+    step, tokens_seen, data_pos = 0, 0, {"epoch": 0, "micro_batches": 0}
+    if restored is not None:
+        step, tokens_seen, data_pos = restored["step"], restored["tokens_seen"], restored["data"]
+        if reshard:
+            data_pos = ckpt_io.rescale_position(data_pos, restored["world_size"], world)
+            for _ in range(step):
+                scheduler.step()
+        else:
+            ckpt_io.load_engine(engine, start, restored)
+            _set_rng(ckpt_io.read_rng(start, rank))
+        log.info("rank %d resumed at step %d (epoch %d, micro-batch %d)", rank, step,
+                 data_pos["epoch"], data_pos["micro_batches"])
+
+    seq_len = cfg.data.seq_len
+    reader = ShardReader(ray.train.get_dataset_shard("train"), seq_len + 1, cfg.train.micro_batch_size, data_pos)
+    val_blocks = loop_config.get("val_blocks")
+    fpt = flops_per_token(model.config, seq_len)
+    peak = (gpu_peak_flops(torch.cuda.get_device_name(device)) or 0.0) if device.type == "cuda" \
+        else measure_cpu_peak_flops()
+    tokens_per_step = cfg.train.micro_batch_size * seq_len * accum * world
+    wandb_run = _init_wandb(cfg) if rank == 0 else None
+
+    engine.train()
+    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+    while step < cfg.train.max_steps:
+        for _ in range(accum):
+            batch = reader.next_agreed(dist)
+            inputs = torch.as_tensor(batch[:, :-1], dtype=torch.long, device=device)
+            targets = torch.as_tensor(batch[:, 1:], dtype=torch.long, device=device)
+            loss = causal_lm_loss(engine, inputs, targets)
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss.item()
+            window["n"] += 1
+        step += 1
+        tokens_seen += tokens_per_step
+        window["steps"] += 1
+
+        metrics: dict[str, Any] = {}
+        last = step == cfg.train.max_steps
+        if step % cfg.train.log_every == 0 or last:
+            elapsed = time.perf_counter() - window["t0"]
+            loss_avg = _all_mean(dist, window["loss"] / max(1, window["n"]), device)
+            tps = tokens_per_step * window["steps"] / max(elapsed, 1e-9)
+            grad_norm = engine.get_global_grad_norm()
+            metrics.update(step=step, loss=loss_avg, lr=scheduler.get_last_lr()[0], tokens=tokens_seen,
+                           tokens_per_s=tps, mfu=mfu(fpt, tps, peak * world), epoch=reader.position["epoch"],
+                           grad_norm=float(grad_norm) if grad_norm is not None else None,
+                           step_time_s=elapsed / max(1, window["steps"]))
+            window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+        if val_blocks is not None and (step % cfg.train.eval_every == 0 or last):
+            val_loss = evaluate(engine, val_blocks, cfg, rank, world, device, dist)
+            metrics.update(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            engine.train()
+            window["t0"] = time.perf_counter()  # evaluation time is not training throughput
+        checkpoint_now = step % cfg.train.checkpoint_every == 0 or last
+        if metrics or checkpoint_now:
+            metrics.setdefault("step", step)
+            if wandb_run is not None:
+                wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+            if checkpoint_now:
+                state = {"step": step, "tokens_seen": tokens_seen, "data": dict(reader.position),
+                         "world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": precision}
+                ckpt_io.save_and_report(engine, cfg, tokenizer, model.config, state, metrics, rank)
+                window["t0"] = time.perf_counter()
+            else:
+                ray.train.report(metrics)
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
+def causal_lm_loss(engine, inputs, targets):
+    """Mean next-token cross-entropy over targets that are not -100."""
+    import torch.nn.functional as F
+
+    logits = engine(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def evaluate(engine, val_blocks: np.ndarray, cfg: Config, rank: int, world: int, device, dist) -> float:
+    """Token-weighted mean validation loss over every rank's share of `val_blocks`. Every rank runs
+    the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
+    import torch
+    import torch.nn.functional as F
+
+    engine.eval()
+    mb = cfg.train.micro_batch_size
+    mine = val_blocks[rank::world] if len(val_blocks) >= world else val_blocks
+    n_batches = min(cfg.train.eval_batches, max(1, math.ceil(len(val_blocks) / world / mb)))
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for i in range(n_batches):
+            chunk = mine[i * mb:(i + 1) * mb] if len(mine) > i * mb else mine[:0]
+            if len(chunk) == 0:  # this rank has run out; still join the collective forward
+                chunk = val_blocks[:1]
+                weight = 0.0
+            else:
+                weight = 1.0
+            x = torch.as_tensor(chunk[:, :-1], dtype=torch.long, device=device)
+            y = torch.as_tensor(chunk[:, 1:], dtype=torch.long, device=device)
+            logits = engine(input_ids=x).logits.float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            total += torch.tensor([nll.item() * weight, y.numel() * weight], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+class ShardReader:
+    """Micro-batches of packed blocks from this worker's Ray Data shard, epoch after epoch, with a
+    position (epoch, micro-batches consumed in it) that a resumed run skips to.
+
+    Workers end an epoch together: before each micro-batch they agree (one all-reduce of a flag)
+    that all of them still have one, so no worker waits in a collective while another starts the
+    next epoch (Ray's streaming split starts epochs in lockstep)."""
+
+    def __init__(self, shard, block_len: int, micro_batch: int, position: Optional[dict] = None):
+        self.shard, self.block_len, self.micro_batch = shard, block_len, micro_batch
+        self.position = dict(position or {"epoch": 0, "micro_batches": 0})
+        self.dropped_blocks = 0
+        self._it: Optional[Iterator[np.ndarray]] = None
+
+    def _open_epoch(self) -> None:
+        from llmos_ray.data import iter_blocks
+
+        batches = self.shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=2)
+        self._it = iter_blocks(batches, self.block_len)
+        for _ in range(self.position["micro_batches"]):  # resume: skip what was trained on
+            if self._take() is None:
+                raise RuntimeError("resume position is beyond the end of the data epoch")
+
+    def _take(self) -> Optional[np.ndarray]:
+        blocks = []
+        for block in self._it:
+            blocks.append(block)
+            if len(blocks) == self.micro_batch:
+                return np.stack(blocks)
+        self.dropped_blocks += len(blocks)
+        return None
+
+    def next_agreed(self, dist) -> np.ndarray:
+        import torch
+
+        for _ in range(3):
+            if self._it is None:
+                self._open_epoch()
+            batch = self._take()
+            flag = torch.tensor([0 if batch is None else 1])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if int(flag.item()) == 1:
+                self.position["micro_batches"] += 1
+                return batch
+            if batch is not None:
+                self.dropped_blocks += len(batch)
+            self._it = None
+            self.position = {"epoch": self.position["epoch"] + 1, "micro_batches": 0}
+        raise RuntimeError("the training data has fewer blocks than one micro-batch per worker: "
+                           "add data, lower train.micro_batch_size or data.seq_len")
+
+
+def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None):
+    """A fresh preset model sized for `tokenizer`, or `model.base` loaded from a directory or the hub.
+    Under ZeRO-3 (`ds_config` given) parameters are partitioned as they are created."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    from llmos_ray.models import load_pretrained, preset_config
+
+    zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+    if cfg.model.base:
+        keep = None
+        if zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must live while loading: enables zero.Init)
+        model = load_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
+        del keep
+        return model
+    hf_config = preset_config(cfg.model.family, cfg.model.size, len(tokenizer), cfg.data.seq_len,
+                              bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                              pad_id=tokenizer.pad_token_id, overrides=cfg.model.overrides)
+    init = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        init = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    with init:
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def _device():
+    import torch
+
+    if torch.cuda.is_available():
+        import ray.train
+
+        local = ray.train.get_context().get_local_rank()
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _set_rng(states: Optional[dict]) -> None:
+    import torch
+
+    if not states:
+        return
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _all_mean(dist, value: float, device) -> float:
+    import torch
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item() / dist.get_world_size())
+
+
+def _init_wandb(cfg: Config):
+    mode = cfg.run.wandb
+    if mode == "disabled":
+        return None
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    try:
+        import wandb
+
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        return wandb.init(project=cfg.run.wandb_project, name=cfg.run.name, dir=cfg.run.output_dir, mode=mode,
+                          config=cfg.to_dict(), resume="allow", id=_wandb_id(cfg))
+    except Exception as e:  # metrics still reach Ray and metrics.jsonl
+        log.warning("wandb disabled: %s", e)
+        return None
+
+
+def _wandb_id(cfg: Config) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{cfg.run.storage_path}/{cfg.run.name}".encode()).hexdigest()[:16]

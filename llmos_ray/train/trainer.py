@@ -1,0 +1,237 @@
+"""The driver side of training: data → TorchTrainer(train_loop) → checkpoints → Hugging Face export.
+
+    result = pretrain(load_config("jobs/configs/pretrain_tiny.yaml"))
+    result.export_dir, result.checkpoint, result.metrics
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+from ray.train import UserCallback
+
+from llmos_ray.config import Config, save_config
+from llmos_ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    """The last metrics rank 0 reported (step, loss, val_loss, tokens_per_s, mfu, …)."""
+    checkpoint: Optional[str]
+    """URI of the latest checkpoint in the run's storage."""
+    export_dir: Optional[str]
+    """The Hugging Face model directory, when train.export is on."""
+    output_dir: str
+    """The run's output directory (metrics.jsonl, config.yaml, export/)."""
+    history: list[dict] = field(default_factory=list)
+    """Every logged metrics record of this run (as in metrics.jsonl)."""
+
+
+def pretrain(cfg: Config) -> TrainResult:
+    """Pretrain `cfg.model` on `cfg.data` with Ray Train + DeepSpeed ZeRO; export at the end."""
+    from llmos_ray import data
+
+    cfg = cfg.resolved()
+    from llmos_ray.runtime import init_ray
+
+    init_ray()
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+    resume_from = resolve_resume(cfg)
+    tokenizer = data.get_tokenizer(cfg)
+    train_ds = data.packed_dataset(cfg, tokenizer, "train")
+    val_blocks = collect_blocks(data.packed_dataset(cfg, tokenizer, "val"), cfg.data.seq_len + 1,
+                                cfg.data.val_max_blocks)
+    log.info("validation: %d blocks of %d tokens", len(val_blocks), cfg.data.seq_len + 1)
+    return run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
+
+
+def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np.ndarray],
+                 resume_from: Optional[str], train_fn=None) -> TrainResult:
+    """Start the TorchTrainer on `datasets` and export the result. Fine-tuning calls this too."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llmos_ray.runtime import worker_resources
+    from llmos_ray.train.loop import train_loop
+
+    use_gpu = _use_gpu(cfg)
+    resources = worker_resources(cfg.train.cpus_per_worker, cfg.train.num_workers, use_gpu)
+    metrics_log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), cfg.train.max_steps)
+    data_options = DataConfig.default_ingest_options()
+    data_options.preserve_order = True
+    trainer = TorchTrainer(
+        train_fn or train_loop,
+        train_loop_config={"config": cfg.to_dict(), "tokenizer": tokenizer,
+                           "val_blocks": val_blocks if val_blocks is not None and len(val_blocks) else None,
+                           "resume_from": resume_from},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[metrics_log]),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=list(datasets), execution_options=data_options,
+                                  enable_shard_locality=False),
+    )
+    log.info("training %s/%s on %d workers (%s each), ZeRO-%d, %d steps",
+             cfg.model.family, cfg.model.size, cfg.train.num_workers, resources, cfg.deepspeed.zero_stage,
+             cfg.train.max_steps)
+    t0 = time.time()
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    if checkpoint and "://" not in checkpoint and not checkpoint.startswith("/"):
+        checkpoint = os.path.abspath(checkpoint)
+    if checkpoint and result.checkpoint.filesystem.type_name != "local":
+        checkpoint = f"{result.checkpoint.filesystem.type_name}://{checkpoint}"
+    export_dir = None
+    if cfg.train.export and result.checkpoint is not None:
+        from llmos_ray.train.checkpoint import export
+
+        export_dir = export(result.checkpoint, os.path.join(cfg.run.output_dir, "export"))
+    history = read_metrics(os.path.join(cfg.run.output_dir, "metrics.jsonl"))
+    out = TrainResult(metrics=dict(result.metrics or {}), checkpoint=checkpoint, export_dir=export_dir,
+                      output_dir=cfg.run.output_dir, history=history)
+    _print_summary(cfg, out, time.time() - t0)
+    return out
+
+
+def resolve_resume(cfg: Config) -> Optional[str]:
+    """Apply `run.resume`. 'auto': Ray Train continues this run's latest registered checkpoint by
+    itself (same name + storage). 'never': refuse to mix with an existing run. Else: a checkpoint URI
+    to start from (checked now, not after workers have started)."""
+    existing = run_exists(cfg)
+    if cfg.run.resume == "auto":
+        if existing:
+            log.info("run %r exists in %s: continuing from its latest checkpoint (run.resume=auto)",
+                     cfg.run.name, cfg.run.storage_path)
+        return None
+    if cfg.run.resume == "never":
+        if existing:
+            raise ConfigError(
+                f"run {cfg.run.name!r} already has checkpoints in {cfg.run.storage_path}; with run.resume=never "
+                f"choose another run.name (or delete that directory yourself)")
+        return None
+    from llmos_ray.train.checkpoint import validate
+
+    validate(cfg.run.resume)
+    return cfg.run.resume
+
+
+def run_exists(cfg: Config) -> bool:
+    import fsspec
+
+    path = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/checkpoint_manager_snapshot.json"
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def collect_blocks(ds, block_len: int, max_blocks: int) -> np.ndarray:
+    """Up to `max_blocks` full blocks of a (small) packed dataset, in order, as one int32 array."""
+    from llmos_ray.data import iter_blocks
+
+    blocks = []
+    for block in iter_blocks(ds.iter_batches(batch_size=256, batch_format="numpy"), block_len):
+        blocks.append(block)
+        if len(blocks) >= max_blocks:
+            break
+    return np.stack(blocks).astype(np.int32) if blocks else np.zeros((0, block_len), np.int32)
+
+
+def _use_gpu(cfg: Config) -> bool:
+    import ray
+
+    if cfg.train.device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.train.device == "cuda" and gpus < cfg.train.num_workers:
+        raise ConfigError(f"train.device=cuda needs {cfg.train.num_workers} GPUs (train.num_workers); the cluster "
+                          f"has {gpus:g}")
+    return gpus >= 1
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLog(UserCallback):
+    """Ray Train callback on the controller (which runs on the driver's node): appends rank 0's
+    metrics to metrics.jsonl, prints progress with ETA, and publishes Ray metrics for the dashboard."""
+
+    def __init__(self, path: str, max_steps: int):
+        self.path, self.max_steps = path, max_steps
+        self._t0: Optional[float] = None
+        self._step0 = 0
+        self._gauges = None
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        m = dict(metrics[0]) if metrics else {}
+        if "step" not in m:
+            return
+        m["time"] = time.time()
+        if checkpoint is not None:
+            m["checkpoint"] = checkpoint.path
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        step = m["step"]
+        if self._t0 is None:
+            self._t0, self._step0 = time.time(), step
+        rate = (step - self._step0) / max(1e-9, time.time() - self._t0)
+        eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
+        parts = [f"step {step}/{self.max_steps}"]
+        for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "val_ppl {:.1f}"),
+                         ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
+            if m.get(key) is not None:
+                parts.append(fmt.format(m[key]))
+        if eta == eta:
+            parts.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+        print(" | ".join(parts), flush=True)
+        self._publish(m)
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        for rank, exc in worker_exceptions.items():
+            print(f"worker {rank} failed: {exc!r}", flush=True)
+
+    def _publish(self, m: dict) -> None:
+        try:
+            from ray.util.metrics import Gauge
+
+            if self._gauges is None:
+                self._gauges = {k: Gauge(f"llmos_train_{k}", description=f"llmos training {k}", tag_keys=("run",))
+                                for k in ("step", "loss", "tokens_per_s", "mfu", "val_loss")}
+            run = os.path.basename(os.path.dirname(self.path))
+            for k, g in self._gauges.items():
+                if m.get(k) is not None:
+                    g.set(float(m[k]), tags={"run": run})
+        except Exception as e:  # metrics are best effort; training goes on
+            log.debug("ray metrics unavailable: %s", e)
+
+
+def _print_summary(cfg: Config, out: TrainResult, seconds: float) -> None:
+    m = out.metrics
+    print(f"\nfinished {cfg.run.name}: step {m.get('step')} in {seconds / 60:.1f} min"
+          + (f", val_loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f})" if m.get("val_loss") is not None else ""))
+    print(f"  metrics:    {os.path.join(out.output_dir, 'metrics.jsonl')}")
+    print(f"  checkpoint: {out.checkpoint}")
+    if out.export_dir:
+        print(f"  model:      {out.export_dir}")
+        print(f"next: llmos serve --model {out.export_dir}")

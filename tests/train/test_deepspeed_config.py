@@ -1,0 +1,93 @@
+"""The DeepSpeed dict, precision choice, LR schedule and `llmos plan`: pure functions, hand-checked."""
+
+import math
+
+import pytest
+
+from llmos_ray.config import ConfigError, load_config
+from llmos_ray.train.deepspeed import accumulation_steps, choose_precision, deepspeed_config, lr_at
+from llmos_ray.train.plan import plan, plan_numbers
+
+
+def cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_zero2_cpu_dict():
+    c = cfg("train.micro_batch_size=4", "train.global_batch_size=32", "train.num_workers=2", "deepspeed.zero_stage=2",
+            "train.grad_clip=0.5")
+    d = deepspeed_config(c, world_size=2, device="cpu", precision="fp32")
+    assert d["train_micro_batch_size_per_gpu"] == 4
+    assert d["gradient_accumulation_steps"] == 4
+    assert d["train_batch_size"] == 32
+    assert d["gradient_clipping"] == 0.5
+    assert d["zero_optimization"]["stage"] == 2 and d["zero_optimization"]["reduce_scatter"] is True
+    assert "optimizer" not in d  # CPU: torch AdamW handed to DeepSpeed
+    assert "bf16" not in d and "fp16" not in d
+
+
+def test_zero3_gpu_bf16_offload_dict():
+    c = cfg("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true",
+            "train.lr=2e-4", "train.activation_checkpointing=true")
+    d = deepspeed_config(c, world_size=8, device="cuda", precision="bf16")
+    z = d["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["stage3_gather_16bit_weights_on_model_save"] is True
+    assert d["bf16"] == {"enabled": True}
+    assert d["optimizer"]["type"] == "AdamW" and d["optimizer"]["params"]["lr"] == 2e-4
+    assert "activation_checkpointing" in d
+
+
+def test_fp16_has_dynamic_loss_scaling_and_extra_merges():
+    c = cfg("deepspeed.extra={zero_optimization: {overlap_comm: false}, flops_profiler: {enabled: true}}")
+    d = deepspeed_config(c, world_size=2, device="cuda", precision="fp16")
+    assert d["fp16"]["enabled"] and d["fp16"]["loss_scale"] == 0  # 0 = dynamic
+    assert d["zero_optimization"]["overlap_comm"] is False and d["zero_optimization"]["stage"] == 2
+    assert d["flops_profiler"] == {"enabled": True}
+
+
+def test_offload_needs_zero():
+    with pytest.raises(ConfigError, match="offload_optimizer needs"):
+        deepspeed_config(cfg("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"), 2, "cuda", "bf16")
+
+
+@pytest.mark.parametrize("requested,device,bf16,expected", [
+    ("auto", "cpu", False, "fp32"), ("auto", "cuda", True, "bf16"), ("auto", "cuda", False, "fp16"),
+    ("fp32", "cuda", True, "fp32"), ("bf16", "cpu", False, "bf16"),
+])
+def test_precision_choice(requested, device, bf16, expected):
+    assert choose_precision(requested, device, bf16) == expected
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        choose_precision("fp16", "cpu")
+
+
+def test_accumulation_steps():
+    assert accumulation_steps(cfg("train.micro_batch_size=8"), 2) == 1
+    assert accumulation_steps(cfg("train.micro_batch_size=2", "train.global_batch_size=16", "train.num_workers=2"), 2) == 4
+
+
+def test_warmup_then_cosine():
+    c = cfg("train.max_steps=110", "train.warmup_steps=10", "train.min_lr_ratio=0.1")
+    assert lr_at(0, c) == pytest.approx(0.1)
+    assert lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(10, c) == pytest.approx(1.0)
+    assert lr_at(60, c) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, c) == pytest.approx(0.1)
+    assert lr_at(500, c) == pytest.approx(0.1)
+
+
+def test_plan_numbers_by_hand():
+    c = cfg("model.family=llama", "model.size=7b", "train.num_workers=8", "data.seq_len=4096", "data.vocab_size=32000",
+            "train.micro_batch_size=2", "train.global_batch_size=64")
+    p = plan_numbers(c)
+    psi = p["params"]
+    assert psi == 6_738_415_616  # Llama-2-7B's published parameter count (32000 vocab, untied head)
+    assert p["zero"][3]["total"] == pytest.approx(16 * psi / 8)
+    assert p["zero"][1]["total"] == pytest.approx(4 * psi + 12 * psi / 8)
+    assert p["tokens_per_step"] == 64 * 4096
+    assert p["flops_per_step"] == p["flops_per_token"] * 64 * 4096
+    text = plan(c)
+    assert "6,738.4M parameters" in text and "<- configured" in text
