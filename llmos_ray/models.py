@@ -66,8 +66,10 @@ def preset_config(family: str, size: str, vocab_size: int, seq_len: int, bos_id:
     positions = max(s.context, seq_len)
     special = dict(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     if family == "gpt2":
+        # No dropout: the norm for pretraining (nanoGPT, Llama); fine-tuning can set it through model.overrides.
         config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=s.d_model, n_layer=s.n_layer,
-                            n_head=s.n_head, n_inner=s.d_ff, **special)
+                            n_head=s.n_head, n_inner=s.d_ff, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            **special)
     else:
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=s.d_model, num_hidden_layers=s.n_layer,
                              num_attention_heads=s.n_head, num_key_value_heads=s.n_kv_head or s.n_head,

@@ -24,13 +24,43 @@ RAY_NUM_CPUS = 4
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server():
+    """A real S3-compatible server (moto) on loopback for the whole session. The standard AWS
+    variables point every client at it — s3fs, pyarrow (Ray Train storage) and boto3 alike — which
+    is also how a user reaches MinIO or another S3-compatible store. Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket named after the test; returns 's3://<bucket>'."""
+    import re
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-b"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """Ray for the session; started after the S3 server so workers inherit its endpoint."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+        env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "AWS_ENDPOINT_URL",
+                                          "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

@@ -137,19 +137,23 @@ def load_engine(engine, ckpt, state: dict) -> None:
 def consolidated_state_dict(ckpt) -> dict:
     """The full fp32 model state dict of a checkpoint, whatever its ZeRO stage and worker count
     (ZeRO-3 shards gathered on CPU, no process group needed)."""
-    import torch
-
     ckpt = _as_checkpoint(ckpt)
     state = read_state(ckpt)
     with ckpt.as_directory() as d:
-        ds_dir = os.path.join(d, DS_DIR)
-        if state["zero_stage"] == 0:
-            sd = torch.load(os.path.join(ds_dir, DS_TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
-                            weights_only=False)["module"]
-            return {k: v.float() for k, v in sd.items()}
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return _consolidate_local(d, state["zero_stage"])
 
-        return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)
+
+def _consolidate_local(checkpoint_dir: str, zero_stage: int) -> dict:
+    import torch
+
+    ds_dir = os.path.join(checkpoint_dir, DS_DIR)
+    if zero_stage == 0:
+        sd = torch.load(os.path.join(ds_dir, DS_TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
+                        weights_only=False)["module"]
+        return {k: v.float() for k, v in sd.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)
 
 
 def rescale_position(position: dict, old_world: int, new_world: int) -> dict:
@@ -173,7 +177,7 @@ def export(checkpoint: Union[str, Any], out_dir: str) -> str:
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(d, "tokenizer"))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(consolidated_state_dict(ckpt), strict=True, assign=True)
+        model.load_state_dict(_consolidate_local(d, state["zero_stage"]), strict=True, assign=True)
         model.tie_weights()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.get("precision"), torch.float32)
         model = model.to(dtype)

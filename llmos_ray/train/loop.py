@@ -55,6 +55,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     restored = ckpt_io.read_state(start) if start is not None else None
     reshard = restored is not None and restored["world_size"] != world
 
+    deepspeed.init_distributed(auto_mpi_discovery=False)  # adopts the process group Ray Train created
     _seed_everything(cfg.run.seed)
     model = build_model(cfg, tokenizer, ds_config if not reshard else None)
     if cfg.train.activation_checkpointing:
@@ -87,7 +88,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                  data_pos["epoch"], data_pos["micro_batches"])
 
     seq_len = cfg.data.seq_len
-    reader = ShardReader(ray.train.get_dataset_shard("train"), seq_len + 1, cfg.train.micro_batch_size, data_pos)
+    if loop_config.get("train_array") is not None:
+        reader = ArrayReader(loop_config["train_array"], cfg.train.micro_batch_size, rank, world, data_pos)
+    else:
+        reader = ShardReader(ray.train.get_dataset_shard("train"), seq_len + 1, cfg.train.micro_batch_size,
+                             data_pos)
     val_blocks = loop_config.get("val_blocks")
     fpt = flops_per_token(model.config, seq_len)
     peak = (gpu_peak_flops(torch.cuda.get_device_name(device)) or 0.0) if device.type == "cuda" \
@@ -100,8 +105,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     while step < cfg.train.max_steps:
         for _ in range(accum):
             batch = reader.next_agreed(dist)
-            inputs = torch.as_tensor(batch[:, :-1], dtype=torch.long, device=device)
-            targets = torch.as_tensor(batch[:, 1:], dtype=torch.long, device=device)
+            inputs = torch.tensor(batch[:, :-1], dtype=torch.long, device=device)
+            targets = torch.tensor(batch[:, 1:], dtype=torch.long, device=device)
             loss = causal_lm_loss(engine, inputs, targets)
             engine.backward(loss)
             engine.step()
@@ -232,35 +237,97 @@ class ShardReader:
                            "add data, lower train.micro_batch_size or data.seq_len")
 
 
+class ArrayReader:
+    """Micro-batches from an in-memory array of blocks (small fine-tuning sets, exact-parity tests):
+    micro-step k of rank r takes rows [(k * world + r) * micro, +micro) of the epoch, so every global
+    step sees the same rows whatever the worker count."""
+
+    def __init__(self, blocks: np.ndarray, micro_batch: int, rank: int, world: int, position: Optional[dict] = None):
+        self.blocks, self.micro_batch, self.rank, self.world = blocks, micro_batch, rank, world
+        self.position = dict(position or {"epoch": 0, "micro_batches": 0})
+        self.per_epoch = len(blocks) // (micro_batch * world)
+        if self.per_epoch == 0:
+            raise RuntimeError(f"{len(blocks)} training blocks are fewer than one micro-batch per worker "
+                               f"({micro_batch} x {world})")
+
+    def next_agreed(self, dist=None) -> np.ndarray:
+        if self.position["micro_batches"] >= self.per_epoch:
+            self.position = {"epoch": self.position["epoch"] + 1, "micro_batches": 0}
+        start = (self.position["micro_batches"] * self.world + self.rank) * self.micro_batch
+        self.position["micro_batches"] += 1
+        return self.blocks[start:start + self.micro_batch]
+
+
 def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None):
     """A fresh preset model sized for `tokenizer`, or `model.base` loaded from a directory or the hub.
-    Under ZeRO-3 (`ds_config` given) parameters are partitioned as they are created."""
-    import contextlib
-
-    from transformers import AutoModelForCausalLM
+    Under ZeRO-3 (`ds_config` given) parameters are partitioned as they are created
+    (deepspeed.zero.Init through transformers), so no rank holds the whole model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmos_ray.models import load_pretrained, preset_config
 
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+    if cfg.model.base and not zero3:
+        return load_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.base:
-        keep = None
-        if zero3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must live while loading: enables zero.Init)
-        model = load_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
-        del keep
-        return model
-    hf_config = preset_config(cfg.model.family, cfg.model.size, len(tokenizer), cfg.data.seq_len,
-                              bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
-                              pad_id=tokenizer.pad_token_id, overrides=cfg.model.overrides)
-    init = contextlib.nullcontext()
-    if zero3:
-        import deepspeed
-
-        init = deepspeed.zero.Init(config_dict_or_path=ds_config)
-    with init:
+        base_dir = local_model_dir(cfg.model.base)
+        hf_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        hf_config = preset_config(cfg.model.family, cfg.model.size, len(tokenizer), cfg.data.seq_len,
+                                  bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                                  pad_id=tokenizer.pad_token_id, overrides=cfg.model.overrides)
+    if not zero3:
         return AutoModelForCausalLM.from_config(hf_config)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers checks a weak reference to it while building
+    model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.base:
+        load_weights_zero3(model, base_dir)
+    del keep
+    return model
+
+
+def local_model_dir(name_or_path: str) -> str:
+    """A local directory for a model directory or hub id (downloaded into the Hugging Face cache)."""
+    from llmos_ray.models import is_local_model
+
+    if is_local_model(name_or_path):
+        return os.path.expanduser(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+
+
+def load_weights_zero3(model, model_dir: str) -> None:
+    """Copy a safetensors checkpoint into a ZeRO-3 partitioned model one tensor at a time (rank 0
+    reads, DeepSpeed re-partitions), so no rank materialises the whole model. transformers'
+    own ZeRO-3 loading path leaves some weights unloaded in the version we test with."""
+    import glob
+
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise RuntimeError(f"{model_dir} has no *.safetensors weights (needed to load under ZeRO-3)")
+    params = dict(model.named_parameters())
+    loaded = set()
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                param = params.get(key)
+                if param is None:
+                    continue
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if dist.get_rank() == 0:
+                        param.data.copy_(f.get_tensor(key))
+                loaded.add(key)
+    tied = {k for k, p in params.items() if k not in loaded and any(p is params[o] for o in loaded)}
+    missing = set(params) - loaded - tied
+    if missing:
+        raise RuntimeError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
 
 
 def _device():

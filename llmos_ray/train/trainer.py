@@ -44,8 +44,6 @@ def pretrain(cfg: Config) -> TrainResult:
     from llmos_ray.runtime import init_ray
 
     init_ray()
-    os.makedirs(cfg.run.output_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     resume_from = resolve_resume(cfg)
     tokenizer = data.get_tokenizer(cfg)
     train_ds = data.packed_dataset(cfg, tokenizer, "train")
@@ -66,16 +64,20 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
     from llmos_ray.runtime import worker_resources
     from llmos_ray.train.loop import train_loop
 
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     use_gpu = _use_gpu(cfg)
     resources = worker_resources(cfg.train.cpus_per_worker, cfg.train.num_workers, use_gpu)
     metrics_log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), cfg.train.max_steps)
+    arrays = {k: v for k, v in datasets.items() if isinstance(v, np.ndarray)}
+    datasets = {k: v for k, v in datasets.items() if k not in arrays}
     data_options = DataConfig.default_ingest_options()
     data_options.preserve_order = True
     trainer = TorchTrainer(
         train_fn or train_loop,
         train_loop_config={"config": cfg.to_dict(), "tokenizer": tokenizer,
                            "val_blocks": val_blocks if val_blocks is not None and len(val_blocks) else None,
-                           "resume_from": resume_from},
+                           "resume_from": resume_from, "train_array": arrays.get("train")},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -83,7 +85,7 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[metrics_log]),
-        datasets=datasets,
+        datasets=datasets or None,
         dataset_config=DataConfig(datasets_to_split=list(datasets), execution_options=data_options,
                                   enable_shard_locality=False),
     )
@@ -94,11 +96,7 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    if checkpoint and "://" not in checkpoint and not checkpoint.startswith("/"):
-        checkpoint = os.path.abspath(checkpoint)
-    if checkpoint and result.checkpoint.filesystem.type_name != "local":
-        checkpoint = f"{result.checkpoint.filesystem.type_name}://{checkpoint}"
+    checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
     export_dir = None
     if cfg.train.export and result.checkpoint is not None:
         from llmos_ray.train.checkpoint import export
@@ -109,6 +107,14 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
                       output_dir=cfg.run.output_dir, history=history)
     _print_summary(cfg, out, time.time() - t0)
     return out
+
+
+def checkpoint_uri(ckpt) -> str:
+    """A Ray Train checkpoint as a URI a user can pass back (run.resume, llmos export)."""
+    kind = ckpt.filesystem.type_name
+    if kind == "local":
+        return os.path.abspath(ckpt.path)
+    return f"{'gs' if kind == 'gcs' else kind}://{ckpt.path}"
 
 
 def resolve_resume(cfg: Config) -> Optional[str]:
