@@ -46,6 +46,8 @@ class RunConfig:
 class DataConfig:
     paths: list[str] = field(default_factory=list)
     """Corpus files, directories or globs (local, file://, s3://, gs://, memory://); empty = embedded default."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options per protocol for corpus paths, e.g. {s3: {endpoint_url: "http://localhost:9000"}}."""
     format: Literal["auto", "txt", "jsonl", "json", "parquet", "hf"] = "auto"
     """File format; 'auto' infers it from the extension (.txt, .jsonl/.json, .parquet, HF datasets dir)."""
     text_field: str = "text"
@@ -185,45 +187,105 @@ class DistillConfig:
 @dataclass
 class EvalConfig:
     model: list[str] = field(default_factory=list)
-    """Models to evaluate (directories, registry names); several are compared side by side."""
+    """Models to evaluate (directories, fsspec URIs, registry names, hub ids); several are compared side by side."""
     perplexity_paths: list[str] = field(default_factory=list)
-    """Held-out text for perplexity; empty = the run's validation split."""
+    """Held-out text for perplexity, read like data.paths; empty = the validation documents of the data section."""
     task_paths: list[str] = field(default_factory=list)
-    """JSONL files of {prompt, reference} scored with BLEU and ROUGE."""
+    """JSONL files of {prompt, reference} scored with BLEU and ROUGE; each file is a task named after it."""
     max_new_tokens: int = 64
     """Tokens generated per task prompt."""
     batch_size: int = 8
     """Prompts or windows per inference batch."""
     num_workers: int = 1
     """Ray Data inference actors."""
+    max_length: Optional[int] = None
+    """Perplexity window in tokens; None = the model's context length."""
+    stride: Optional[int] = None
+    """Tokens a perplexity window advances by (the rest is context); None = half the window."""
+    max_documents: Optional[int] = None
+    """Score at most this many perplexity documents (in corpus order); None = all."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a generated answer (it is cut before the first); empty = EOS or max_new_tokens."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' gives each inference actor a GPU when the cluster has them, else runs on CPU."""
+    cpus_per_worker: Optional[float] = None
+    """CPUs per inference actor (its torch threads); None = 1, less when the cluster has fewer than num_workers."""
+    attach_results: bool = True
+    """Store the results of models given by registry name in their registry entry."""
 
 
 @dataclass
 class ServeConfig:
     models: list[str] = field(default_factory=list)
-    """Models to serve: export directories or registry names."""
+    """Models to serve: export directories, fsspec URIs, registry names or hub ids; 'name=SOURCE' sets the served name."""
     host: str = "127.0.0.1"
     """HTTP host."""
     port: int = 8000
     """HTTP port."""
+    app_name: str = "llmos"
+    """Ray Serve application name (`serve status`, `serve delete`)."""
+    route_prefix: str = "/"
+    """URL prefix of the HTTP API."""
     api_keys: list[str] = field(default_factory=list)
-    """Accepted API keys; empty = also read LLMOS_API_KEYS / api_keys_file; none at all = open."""
+    """Accepted API keys, also read from LLMOS_API_KEYS (comma separated) and api_keys_file; none at all = open."""
     api_keys_file: Optional[str] = None
-    """File with one API key per line."""
+    """File with one API key per line (blank lines and # comments ignored)."""
+    max_request_bytes: int = 1_000_000
+    """Largest accepted request body in bytes; larger requests get 413."""
+    retry_after_s: int = 1
+    """Seconds a client is told to wait (Retry-After) when a model is over capacity (503)."""
+    ingress_max_ongoing_requests: int = 1000
+    """Requests one HTTP ingress replica handles at once before the proxy answers 503."""
     max_ongoing_requests: int = 32
-    """Requests one replica handles at once (also caps the batch size)."""
+    """Per model: requests one replica holds (running + waiting for a batch slot); raised to max_batch_size if lower."""
+    max_queued_requests: int = 64
+    """Per model: requests queued in front of the replicas before new ones get 503 + Retry-After; -1 = unbounded."""
     min_replicas: int = 1
-    """Autoscaling lower bound."""
+    """Per model: autoscaling lower bound."""
     max_replicas: int = 1
-    """Autoscaling upper bound."""
+    """Per model: autoscaling upper bound."""
     target_ongoing_requests: float = 8.0
-    """Autoscaling target of ongoing requests per replica."""
+    """Per model: autoscaling target of ongoing requests per replica."""
     max_batch_size: int = 16
-    """Largest generation batch."""
-    batch_wait_timeout_s: float = 0.01
-    """How long a batch waits to fill."""
+    """Per model: most sequences decoded together; requests join a running batch between tokens."""
+    batch_wait_timeout_s: float = 0.0
+    """Per model: how long @serve.batch waits to group arrivals into one prefill (0 = admit at once)."""
     max_tokens_limit: int = 1024
-    """Server-wide cap on max_tokens."""
+    """Per model: cap on max_tokens; larger requests get 400."""
+    default_max_tokens: int = 16
+    """Per model: max_tokens of a completion request that sets none (OpenAI's default); chat fills the context up to max_tokens_limit."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """Per model: generation engine; 'vllm' runs ray.serve.llm's vLLM deployment (GPU, vllm installed)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Per model: 'auto' uses a GPU when the replica has one."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Per model: weights dtype; 'auto' is bfloat16 (or float16) on GPU, float32 on CPU."""
+    quantize: Literal["none", "int8"] = "none"
+    """Per model: 'int8' applies dynamic int8 quantization of linear layers on CPU."""
+    num_cpus: float = 1.0
+    """Per model: CPUs reserved per replica (also its torch threads, at least 1)."""
+    num_gpus: Optional[float] = None
+    """Per model: GPUs per replica; None = 1 when device is cuda, or auto and the cluster has GPUs."""
+    trust_remote_code: bool = False
+    """Per model: allow custom model code from the hub."""
+    safety_input_blocklist: list[str] = field(default_factory=list)
+    """Per model: words or phrases (case-insensitive, whole words) that block a prompt."""
+    safety_input_patterns: list[str] = field(default_factory=list)
+    """Per model: regular expressions that block a prompt."""
+    safety_output_blocklist: list[str] = field(default_factory=list)
+    """Per model: words or phrases that end a completion with finish_reason 'content_filter'."""
+    safety_output_patterns: list[str] = field(default_factory=list)
+    """Per model: regular expressions that end a completion with finish_reason 'content_filter'."""
+    safety_max_output_chars: Optional[int] = None
+    """Per model: completions are cut at this many characters (finish_reason 'length')."""
+    model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-model overrides of the 'Per model' keys by served name, e.g. {tiny: {max_replicas: 4, quantize: int8}}."""
+
+
+@dataclass
+class RegistryConfig:
+    uri: Optional[str] = None
+    """Model library JSON file (local path or fsspec URI); None = $LLMOS_REGISTRY or ~/.llmos/models.json."""
 
 
 @dataclass
@@ -246,6 +308,8 @@ class Config:
     """Evaluation: perplexity, BLEU, ROUGE."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """Ray Serve deployment."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """The model library (named models)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,8 +328,18 @@ class Config:
             cfg.run.storage_path = os.path.join(cfg.run.output_dir, "checkpoints")
         elif "://" not in cfg.run.storage_path:
             cfg.run.storage_path = os.path.abspath(os.path.expanduser(cfg.run.storage_path))
+        # Local model paths become absolute: Ray workers run in another directory.
+        cfg.model.base = _abs_if_local(cfg.model.base)
+        cfg.distill.teacher = _abs_if_local(cfg.distill.teacher)
+        cfg.data.tokenizer = _abs_if_local(cfg.data.tokenizer)
         _check(cfg)
         return cfg
+
+
+def _abs_if_local(path: Optional[str]) -> Optional[str]:
+    if path and "://" not in path and os.path.exists(os.path.expanduser(path)):
+        return os.path.abspath(os.path.expanduser(path))
+    return path
 
 
 def _check(cfg: Config) -> None:

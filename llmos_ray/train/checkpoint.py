@@ -156,16 +156,34 @@ def _consolidate_local(checkpoint_dir: str, zero_stage: int) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)
 
 
+def _lora_model(config, weights: dict, run_cfg):
+    """The fine-tuned LoRA model: merged into plain weights (finetune.merge_lora) or the peft model,
+    whose save_pretrained writes the adapter alone (adapter_config.json names the base)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmos_ray.train.loop import lora_config
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(run_cfg, config.model_type))
+    peft_model.load_state_dict(weights, strict=True)
+    if run_cfg.finetune.merge_lora:
+        return peft_model.merge_and_unload()
+    peft_model.peft_config["default"].base_model_name_or_path = run_cfg.model.base
+    return peft_model
+
+
 def rescale_position(position: dict, old_world: int, new_world: int) -> dict:
     """Data position for a different worker count: the same number of blocks consumed in total."""
     return {"epoch": position["epoch"], "micro_batches": position["micro_batches"] * old_world // new_world}
 
 
-def export(checkpoint: Union[str, Any], out_dir: str) -> str:
+def export(checkpoint: Union[str, Any], out_dir: str, merge_lora: Optional[bool] = None) -> str:
     """Write a checkpoint as a Hugging Face model directory (config.json, model.safetensors,
-    tokenizer, generation_config.json, llmos_config.yaml). The directory appears complete or not at all."""
+    tokenizer, generation_config.json, llmos_config.yaml). The directory appears complete or not at all.
+    For a LoRA run, `merge_lora` (default: the run's finetune.merge_lora) chooses merged weights or
+    the adapter alone (adapter_config.json + adapter_model.safetensors, loadable with peft)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
     ckpt = _as_checkpoint(checkpoint)
     state = validate(ckpt)
@@ -175,18 +193,33 @@ def export(checkpoint: Union[str, Any], out_dir: str) -> str:
     with ckpt.as_directory() as d:
         config = AutoConfig.from_pretrained(os.path.join(d, "model"))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(d, "tokenizer"))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(_consolidate_local(d, state["zero_stage"]), strict=True, assign=True)
-        model.tie_weights()
+        weights = _consolidate_local(d, state["zero_stage"])
+        if state.get("lora"):
+            from llmos_ray.config import load_config
+
+            run_cfg = load_config(os.path.join(d, "config.yaml"))
+            if merge_lora is not None:
+                run_cfg.finetune.merge_lora = merge_lora
+            model = _lora_model(config, weights, run_cfg)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(weights, strict=True, assign=True)
+            model.tie_weights()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.get("precision"), torch.float32)
         model = model.to(dtype)
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
+        base_config = getattr(model, "base_model", model).config if state.get("lora") else model.config
         for key, value in ids.items():
-            setattr(model.config, key, value)
+            setattr(base_config, key, value)
+        end = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else None
+        if state.get("job") == "finetune" and end is not None:
+            ids["eos_token_id"] = [tokenizer.eos_token_id, end]  # a chat turn ends at <|end|>
         model.generation_config = GenerationConfig(**ids)
         model.save_pretrained(tmp, safe_serialization=True)
+        if not isinstance(model, PreTrainedModel):  # a LoRA adapter alone: keep its base's generation config
+            model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.copy(os.path.join(d, "config.yaml"), os.path.join(tmp, "llmos_config.yaml"))
         with open(os.path.join(tmp, "llmos_state.json"), "w") as f:

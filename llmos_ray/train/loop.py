@@ -57,7 +57,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     deepspeed.init_distributed(auto_mpi_discovery=False)  # adopts the process group Ray Train created
     _seed_everything(cfg.run.seed)
+    job = loop_config.get("job", "pretrain")
     model = build_model(cfg, tokenizer, ds_config if not reshard else None)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):  # chat tokens added for fine-tuning
+        model.resize_token_embeddings(len(tokenizer))
+    if job == "finetune" and cfg.finetune.lora:
+        model = apply_lora(model, cfg)
+    teacher = load_teacher(cfg, device) if job == "distill" else None
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
     if reshard:  # a different worker count: start from the consolidated weights, fresh optimizer moments
@@ -67,10 +73,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     optimizer = None
     if uses_client_optimizer(cfg, device.type):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, model_parameters=model.parameters(),
+        model=model, optimizer=optimizer, config=ds_config,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)),
         dist_init_required=False)
 
@@ -89,7 +96,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     seq_len = cfg.data.seq_len
     if loop_config.get("train_array") is not None:
-        reader = ArrayReader(loop_config["train_array"], cfg.train.micro_batch_size, rank, world, data_pos)
+        reader = ArrayReader(loop_config["train_array"], cfg.train.micro_batch_size, rank, world, data_pos,
+                             shuffle_seed=cfg.run.seed if job != "pretrain" else None)
     else:
         reader = ShardReader(ray.train.get_dataset_shard("train"), seq_len + 1, cfg.train.micro_batch_size,
                              data_pos)
@@ -104,10 +112,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
     while step < cfg.train.max_steps:
         for _ in range(accum):
-            batch = reader.next_agreed(dist)
-            inputs = torch.tensor(batch[:, :-1], dtype=torch.long, device=device)
-            targets = torch.tensor(batch[:, 1:], dtype=torch.long, device=device)
-            loss = causal_lm_loss(engine, inputs, targets)
+            inputs, targets = inputs_and_targets(reader.next_agreed(dist), device)
+            if teacher is None:
+                loss = causal_lm_loss(engine, inputs, targets)
+            else:
+                loss, kl = distill_loss(engine, teacher, inputs, targets, cfg.distill.temperature, cfg.distill.alpha)
+                window["kl"] = window.get("kl", 0.0) + kl
             engine.backward(loss)
             engine.step()
             window["loss"] += loss.item()
@@ -127,6 +137,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                            tokens_per_s=tps, mfu=mfu(fpt, tps, peak * world), epoch=reader.position["epoch"],
                            grad_norm=float(grad_norm) if grad_norm is not None else None,
                            step_time_s=elapsed / max(1, window["steps"]))
+            if teacher is not None:
+                metrics["kl"] = _all_mean(dist, window["kl"] / max(1, window["n"]), device)
             window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
         if val_blocks is not None and (step % cfg.train.eval_every == 0 or last):
             val_loss = evaluate(engine, val_blocks, cfg, rank, world, device, dist)
@@ -140,13 +152,79 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
             if checkpoint_now:
                 state = {"step": step, "tokens_seen": tokens_seen, "data": dict(reader.position),
-                         "world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": precision}
+                         "world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": precision,
+                         "job": job, "lora": job == "finetune" and cfg.finetune.lora}
                 ckpt_io.save_and_report(engine, cfg, tokenizer, model.config, state, metrics, rank)
                 window["t0"] = time.perf_counter()
             else:
                 ray.train.report(metrics)
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def inputs_and_targets(batch: np.ndarray, device):
+    """Model inputs and next-token targets of a micro-batch. Packed blocks [B, T+1] train on every
+    token; fine-tuning examples [B, 2, T+1] (tokens, loss mask) train only where the mask is 1."""
+    import torch
+
+    if batch.ndim == 3:
+        tokens, mask = batch[:, 0], batch[:, 1]
+        targets = np.where(mask[:, 1:] == 1, tokens[:, 1:], -100)
+        return (torch.tensor(tokens[:, :-1], dtype=torch.long, device=device),
+                torch.tensor(targets, dtype=torch.long, device=device))
+    return (torch.tensor(batch[:, :-1], dtype=torch.long, device=device),
+            torch.tensor(batch[:, 1:], dtype=torch.long, device=device))
+
+
+def distill_loss(engine, teacher, inputs, targets, temperature: float, alpha: float):
+    """alpha · T² · KL(teacher ‖ student) at temperature T + (1 - alpha) · cross-entropy on the data
+    (Hinton et al. 2015), over the positions that carry a target. Returns (loss, KL value)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = engine(input_ids=inputs).logits.float()
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=inputs).logits.float()
+    keep = (targets != -100).reshape(-1)
+    s = logits.reshape(-1, logits.size(-1))[keep]
+    t = teacher_logits.reshape(-1, teacher_logits.size(-1))[keep][:, : s.size(-1)]
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                  reduction="batchmean")
+    ce = F.cross_entropy(s, targets.reshape(-1)[keep])
+    return alpha * temperature**2 * kl + (1 - alpha) * ce, kl.item()
+
+
+def load_teacher(cfg: Config, device):
+    """The frozen teacher of a distillation run, in eval mode on this worker's device."""
+    from llmos_ray.models import load_pretrained
+
+    if not cfg.distill.teacher:
+        raise ValueError("distillation needs distill.teacher (a model directory or hub id)")
+    teacher = load_pretrained(cfg.distill.teacher, trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def lora_config(cfg: Config, model_type: str):
+    from peft import LoraConfig
+
+    targets = cfg.finetune.lora_target_modules or LORA_TARGETS.get(model_type)
+    if not targets:
+        raise ValueError(f"finetune.lora_target_modules is empty and there is no default for {model_type!r}")
+    return LoraConfig(r=cfg.finetune.lora_r, lora_alpha=cfg.finetune.lora_alpha, lora_dropout=cfg.finetune.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM",
+                      fan_in_fan_out=model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
+
+
+def apply_lora(model, cfg: Config):
+    """Wrap `model` with LoRA adapters (peft); only the adapters train."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(cfg, model.config.model_type))
 
 
 def causal_lm_loss(engine, inputs, targets):
@@ -176,13 +254,14 @@ def evaluate(engine, val_blocks: np.ndarray, cfg: Config, rank: int, world: int,
                 weight = 0.0
             else:
                 weight = 1.0
-            x = torch.as_tensor(chunk[:, :-1], dtype=torch.long, device=device)
-            y = torch.as_tensor(chunk[:, 1:], dtype=torch.long, device=device)
+            x, y = inputs_and_targets(chunk, device)
             logits = engine(input_ids=x).logits.float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-            total += torch.tensor([nll.item() * weight, y.numel() * weight], dtype=torch.float64, device=device)
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum",
+                                  ignore_index=-100)
+            counted = int((y != -100).sum())
+            total += torch.tensor([nll.item() * weight, counted * weight], dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return float(total[0] / total[1])
+    return float(total[0] / max(total[1], 1.0))
 
 
 class ShardReader:
@@ -238,12 +317,15 @@ class ShardReader:
 
 
 class ArrayReader:
-    """Micro-batches from an in-memory array of blocks (small fine-tuning sets, exact-parity tests):
-    micro-step k of rank r takes rows [(k * world + r) * micro, +micro) of the epoch, so every global
-    step sees the same rows whatever the worker count."""
+    """Micro-batches from an in-memory array of blocks (fine-tuning sets, exact-parity tests):
+    micro-step k of rank r takes rows [(k * world + r) * micro, +micro) of the epoch's order (the
+    stored order, or a seeded shuffle per epoch), so every global step sees the same rows whatever
+    the worker count."""
 
-    def __init__(self, blocks: np.ndarray, micro_batch: int, rank: int, world: int, position: Optional[dict] = None):
+    def __init__(self, blocks: np.ndarray, micro_batch: int, rank: int, world: int, position: Optional[dict] = None,
+                 shuffle_seed: Optional[int] = None):
         self.blocks, self.micro_batch, self.rank, self.world = blocks, micro_batch, rank, world
+        self.shuffle_seed = shuffle_seed
         self.position = dict(position or {"epoch": 0, "micro_batches": 0})
         self.per_epoch = len(blocks) // (micro_batch * world)
         if self.per_epoch == 0:
@@ -255,7 +337,10 @@ class ArrayReader:
             self.position = {"epoch": self.position["epoch"] + 1, "micro_batches": 0}
         start = (self.position["micro_batches"] * self.world + self.rank) * self.micro_batch
         self.position["micro_batches"] += 1
-        return self.blocks[start:start + self.micro_batch]
+        rows = np.arange(start, start + self.micro_batch)
+        if self.shuffle_seed is not None:  # a new order every epoch, the same on every rank and run
+            rows = np.random.default_rng(self.shuffle_seed + self.position["epoch"]).permutation(len(self.blocks))[rows]
+        return self.blocks[rows]
 
 
 def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None):
@@ -381,7 +466,8 @@ def _init_wandb(cfg: Config):
 
         os.makedirs(cfg.run.output_dir, exist_ok=True)
         return wandb.init(project=cfg.run.wandb_project, name=cfg.run.name, dir=cfg.run.output_dir, mode=mode,
-                          config=cfg.to_dict(), resume="allow", id=_wandb_id(cfg))
+                          config=cfg.to_dict(), resume="allow", id=_wandb_id(cfg),
+                          settings=wandb.Settings(quiet=True, console="off"))
     except Exception as e:  # metrics still reach Ray and metrics.jsonl
         log.warning("wandb disabled: %s", e)
         return None

@@ -47,15 +47,41 @@ def pretrain(cfg: Config) -> TrainResult:
     resume_from = resolve_resume(cfg)
     tokenizer = data.get_tokenizer(cfg)
     train_ds = data.packed_dataset(cfg, tokenizer, "train")
-    val_blocks = collect_blocks(data.packed_dataset(cfg, tokenizer, "val"), cfg.data.seq_len + 1,
-                                cfg.data.val_max_blocks)
-    log.info("validation: %d blocks of %d tokens", len(val_blocks), cfg.data.seq_len + 1)
-    return run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
+    val_blocks = None
+    if data.has_validation(cfg.data):
+        with data.data_errors():
+            val_blocks = collect_blocks(data.packed_dataset(cfg, tokenizer, "val"), cfg.data.seq_len + 1,
+                                        cfg.data.val_max_blocks)
+        log.info("validation: %d blocks of %d tokens", len(val_blocks), cfg.data.seq_len + 1)
+    result = run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
+    report_data_counts(cfg)
+    return result
+
+
+def report_data_counts(cfg: Config) -> None:
+    """Write what the training stream read and dropped (bad, short, duplicate records, per file) to
+    <output_dir>/data_stats.json and say it on the console: nothing is dropped silently."""
+    from llmos_ray.data import corpus_stats
+
+    try:
+        counts = corpus_stats(cfg, "train")
+    except Exception as e:  # the counts live in a Ray actor of this job; a restarted job may not have them
+        log.warning("data counts unavailable: %s", e)
+        return
+    path = os.path.join(cfg.run.output_dir, "data_stats.json")
+    with open(path, "w") as f:
+        json.dump(counts, f, indent=1)
+    print(f"  data:       {counts.get('documents', 0):,} documents read in the last pass, "
+          f"{counts.get('bad_records', 0):,} bad records, {counts.get('dropped_short', 0):,} too short, "
+          f"{counts.get('duplicates', 0):,} duplicates ({path})")
 
 
 def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np.ndarray],
-                 resume_from: Optional[str], train_fn=None) -> TrainResult:
-    """Start the TorchTrainer on `datasets` and export the result. Fine-tuning calls this too."""
+                 resume_from: Optional[str], train_fn=None, job: str = "pretrain",
+                 data_counts: Optional[dict] = None) -> TrainResult:
+    """Start the TorchTrainer on `datasets` (Ray Datasets, or in-memory block arrays) and export the
+    result. `job` ('pretrain', 'finetune', 'distill') selects the loss and adapters in the loop;
+    `data_counts` (what was read and dropped) is saved as <output_dir>/data_stats.json."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -66,18 +92,21 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
 
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+    if data_counts is not None:
+        with open(os.path.join(cfg.run.output_dir, "data_stats.json"), "w") as f:
+            json.dump(data_counts, f, indent=1)
     use_gpu = _use_gpu(cfg)
     resources = worker_resources(cfg.train.cpus_per_worker, cfg.train.num_workers, use_gpu)
     metrics_log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), cfg.train.max_steps)
     arrays = {k: v for k, v in datasets.items() if isinstance(v, np.ndarray)}
     datasets = {k: v for k, v in datasets.items() if k not in arrays}
-    data_options = DataConfig.default_ingest_options()
-    data_options.preserve_order = True
+    from llmos_ray.data import ingest_options
+
     trainer = TorchTrainer(
         train_fn or train_loop,
         train_loop_config={"config": cfg.to_dict(), "tokenizer": tokenizer,
                            "val_blocks": val_blocks if val_blocks is not None and len(val_blocks) else None,
-                           "resume_from": resume_from, "train_array": arrays.get("train")},
+                           "resume_from": resume_from, "train_array": arrays.get("train"), "job": job},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -86,7 +115,7 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[metrics_log]),
         datasets=datasets or None,
-        dataset_config=DataConfig(datasets_to_split=list(datasets), execution_options=data_options,
+        dataset_config=DataConfig(datasets_to_split=list(datasets), execution_options=ingest_options(),
                                   enable_shard_locality=False),
     )
     log.info("training %s/%s on %d workers (%s each), ZeRO-%d, %d steps",

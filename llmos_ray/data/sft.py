@@ -1,0 +1,199 @@
+"""Instruction data for supervised fine-tuning: records → chat messages → tokens with a loss mask.
+
+Formats (detected per record, or fixed with finetune.format):
+    prompt_completion  {"prompt": ..., "completion": ...}        raw text, loss on the completion + EOS
+    alpaca             {"instruction", "input"?, "output"}        rendered with the chat template
+    chat               {"messages": [{"role", "content"}, ...]}   system/user/assistant, multi-turn
+
+Only what the assistant writes carries loss. An example is one row of two int32 arrays of
+seq_len + 1: the tokens (right-padded with the pad id) and the loss mask. Over-long examples keep
+their last seq_len + 1 tokens — the final answer survives, the start of the context goes (counted
+as `truncated`); one left with no target token is dropped (counted as `no_target`). Records that fit no format are bad records, counted with file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from llmos_ray.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+
+
+def detect_format(record: Any) -> Optional[str]:
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("messages"), list):
+        return "chat"
+    if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        return "alpaca"
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return "prompt_completion"
+    return None
+
+
+def to_messages(record: dict, fmt: str) -> list[dict]:
+    """The record as chat messages (prompt_completion: one user and one assistant turn). Raises
+    ValueError naming what is wrong."""
+    if fmt == "chat":
+        msgs = record.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be {{role: system|user|assistant, content: str}}")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise ValueError("no assistant message: nothing to learn from")
+        return out
+    if fmt == "alpaca":
+        if not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
+            raise ValueError("alpaca records need string 'instruction' and 'output'")
+        user = record["instruction"]
+        if isinstance(record.get("input"), str) and record["input"].strip():
+            user = f"{user}\n\n{record['input']}"
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    if fmt == "prompt_completion":
+        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("completion"), str):
+            raise ValueError("prompt_completion records need string 'prompt' and 'completion'")
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Keep the tokenizer's own chat template; give ours to one that has none (it is then saved
+    with every checkpoint and export, so serving renders prompts exactly as training did)."""
+    from llmos_ray.data.tokenizer import CHAT_TEMPLATE, CHAT_TOKENS
+
+    if tokenizer.chat_template:
+        return
+    missing = [t for t in CHAT_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def encode(tokenizer, messages: list[dict], fmt: str) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 mask of the tokens that carry loss (what the assistant writes)."""
+    if fmt == "prompt_completion":
+        prompt = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    if "{% generation %}" in (tokenizer.chat_template or ""):  # the template marks what the assistant writes
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    ids: list[int] = []
+    mask: list[int] = []
+    # Render the conversation turn by turn: the tokens an assistant turn adds are its own. This works
+    # for any chat template, with or without {% generation %} markers.
+    for i, message in enumerate(messages):
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if message["role"] == "assistant":
+            prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+            if upto[: len(prefix)] != prefix or ids != prefix[: len(ids)]:
+                raise ValueError("the chat template does not render conversations prefix by prefix")
+            mask += [0] * (len(prefix) - len(ids)) + [1] * (len(upto) - len(prefix))
+        else:
+            if upto[: len(ids)] != ids:
+                raise ValueError("the chat template does not render conversations prefix by prefix")
+            mask += [0] * (len(upto) - len(ids))
+        ids = upto
+    return ids, mask
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of a conversation rendered by the tokenizer's chat template."""
+    if not messages and not add_generation_prompt:
+        return []
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class SftExamples:
+    tokens: np.ndarray
+    """int32 [N, seq_len + 1], right-padded with the pad id."""
+    mask: np.ndarray
+    """int32 [N, seq_len + 1], 1 where the token carries loss."""
+    counts: dict = field(default_factory=dict)
+    """records, examples, bad_records, truncated, no_target, formats, bad_by_file."""
+
+    def blocks(self) -> np.ndarray:
+        """[N, 2, seq_len + 1]: what the train loop consumes (row 0 tokens, row 1 loss mask)."""
+        return np.stack([self.tokens, self.mask], axis=1)
+
+
+def build_examples(records: Iterable[tuple[str, int, Any]], tokenizer, seq_len: int, fmt: str = "auto",
+                   max_bad_fraction: float = 0.01) -> SftExamples:
+    """Encode `(source, line, record)` triples; `record` is a parsed object, or an Exception for a
+    line that did not parse. Fails when a file's bad share exceeds `max_bad_fraction`."""
+    block = seq_len + 1
+    tokens, masks = [], []
+    counts: dict[str, Any] = {"records": 0, "examples": 0, "bad_records": 0, "truncated": 0, "no_target": 0,
+                              "formats": {}, "bad_by_file": {}}
+    per_file: dict[str, list[int]] = {}
+    for source, line, record in records:
+        counts["records"] += 1
+        seen = per_file.setdefault(source, [0, 0])
+        seen[0] += 1
+        try:
+            if isinstance(record, Exception):
+                raise ValueError(str(record))
+            kind = detect_format(record) if fmt == "auto" else fmt
+            if kind is None:
+                raise ValueError("fits no format (prompt/completion, instruction/output, messages)")
+            ids, mask = encode(tokenizer, to_messages(record, kind), kind)
+        except ValueError as e:
+            seen[1] += 1
+            counts["bad_records"] += 1
+            bad = counts["bad_by_file"].setdefault(source, [])
+            if len(bad) < 100:
+                bad.append({"line": line, "reason": str(e)})
+            continue
+        counts["formats"][kind] = counts["formats"].get(kind, 0) + 1
+        if len(ids) > block:  # keep the end, where the (last) answer is
+            counts["truncated"] += 1
+            ids, mask = ids[-block:], mask[-block:]
+        if sum(mask[1:]) == 0:  # the first token is never a target
+            counts["no_target"] += 1
+            continue
+        pad = block - len(ids)
+        tokens.append(ids + [tokenizer.pad_token_id] * pad)
+        masks.append(mask + [0] * pad)
+    for source, (n, bad) in per_file.items():
+        if n and bad / n > max_bad_fraction:
+            first = counts["bad_by_file"][source][0]
+            raise DataError(f"{source}: {bad} of {n} records are bad (more than data.max_bad_fraction="
+                            f"{max_bad_fraction}); first at line {first['line']}: {first['reason']}")
+    counts["examples"] = len(tokens)
+    if not tokens:
+        raise DataError(f"no usable fine-tuning examples in {sorted(per_file) or 'the input'} ({counts})")
+    return SftExamples(np.array(tokens, dtype=np.int32), np.array(masks, dtype=np.int32), counts)
+
+
+def read_jsonl_records(uri: str) -> Iterable[tuple[str, int, Any]]:
+    """(uri, line, parsed object or the parse error) for a JSONL file on any fsspec filesystem,
+    compression inferred. Parquet files give one record per row."""
+    import fsspec
+
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(uri, "rb") as f:
+            for i, row in enumerate(pq.read_table(f).to_pylist(), start=1):
+                yield uri, i, row
+        return
+    with fsspec.open(uri, "rb", compression="infer") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield uri, i, json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield uri, i, ValueError(f"not valid JSON: {e}")

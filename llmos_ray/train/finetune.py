@@ -1,0 +1,121 @@
+"""Fine-tuning (full or LoRA) and distillation: other data and another loss, the same trainer, loop,
+checkpoints and export as pretraining (`run_training`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Iterable
+
+from llmos_ray.config import Config
+from llmos_ray.errors import ConfigError, DataError
+from llmos_ray.train.trainer import TrainResult, resolve_resume, run_training
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = os.path.join("runs", "default", "export")
+"""Where `llmos pretrain` with no arguments exports: the base `llmos finetune` uses by default."""
+
+
+def finetune(cfg: Config) -> TrainResult:
+    """Supervised fine-tuning of `model.base` on `finetune.paths` (or the embedded instruction set)."""
+    from llmos_ray.data import load_tokenizer
+    from llmos_ray.data.sft import build_examples, ensure_chat_template
+    from llmos_ray.runtime import init_ray
+
+    cfg = _with_base(cfg.resolved())
+    tokenizer = load_tokenizer(cfg.model.base)
+    ensure_chat_template(tokenizer)
+    train_records, val_records = instruction_records(cfg)
+    seq_len, fmt, bad = cfg.data.seq_len, cfg.finetune.format, cfg.data.max_bad_fraction
+    train = build_examples(train_records, tokenizer, seq_len, fmt, bad)
+    val = build_examples(val_records, tokenizer, seq_len, fmt, 1.0) if val_records else None
+    print(f"fine-tuning data: {_describe(train.counts)}" + (f"; held out: {val.counts['examples']}" if val else ""))
+    _check_batch(cfg, len(train.tokens))
+    init_ray()
+    resume_from = resolve_resume(cfg)
+    val_blocks = val.blocks()[: cfg.data.val_max_blocks] if val is not None else None
+    return run_training(cfg, tokenizer, {"train": train.blocks()}, val_blocks, resume_from, job="finetune",
+                        data_counts={"train": train.counts, "val": val.counts if val else None})
+
+
+def distill(cfg: Config) -> TrainResult:
+    """Train a student (`model.base`, or the preset `model.family`/`model.size`) on the corpus
+    against a frozen teacher's logits (`distill.teacher`), with the teacher's tokenizer."""
+    from llmos_ray import data
+    from llmos_ray.runtime import init_ray
+    from llmos_ray.train.trainer import collect_blocks
+
+    cfg = cfg.resolved()
+    if not cfg.distill.teacher:
+        raise ConfigError("distill.teacher is required: the model directory or hub id to learn from")
+    init_ray()
+    tokenizer = data.load_tokenizer(cfg.distill.teacher)
+    resume_from = resolve_resume(cfg)
+    train_ds = data.packed_dataset(cfg, tokenizer, "train")
+    val_blocks = None
+    if data.has_validation(cfg.data):
+        with data.data_errors():
+            val_blocks = collect_blocks(data.packed_dataset(cfg, tokenizer, "val"), cfg.data.seq_len + 1,
+                                        cfg.data.val_max_blocks)
+    return run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from, job="distill")
+
+
+def _with_base(cfg: Config) -> Config:
+    if cfg.model.base is None:
+        if not os.path.isfile(os.path.join(DEFAULT_BASE, "config.json")):
+            raise ConfigError(f"model.base is not set and there is no default export at {DEFAULT_BASE}: run "
+                              f"`llmos pretrain` first, or pass model.base=<model directory or hub id>")
+        cfg.model.base = os.path.abspath(DEFAULT_BASE)
+    return cfg
+
+
+def _check_batch(cfg: Config, n: int) -> None:
+    per_step = cfg.train.micro_batch_size * cfg.train.num_workers
+    if n < per_step:
+        raise DataError(f"{n} fine-tuning examples are fewer than one step needs "
+                        f"(train.micro_batch_size * train.num_workers = {per_step})")
+
+
+def _describe(counts: dict) -> str:
+    return (f"{counts['examples']} examples from {counts['records']} records ({counts['formats']}); "
+            f"{counts['bad_records']} bad, {counts['truncated']} truncated to data.seq_len, "
+            f"{counts['no_target']} dropped with no target left")
+
+
+def instruction_records(cfg: Config) -> tuple[list, list]:
+    """(source, line, record) triples of the train and held-out splits. The user's files are split
+    by a hash of each record (data.val_fraction); the embedded set has its own held-out split."""
+    from llmos_ray.data.instructions import stdlib_instructions
+    from llmos_ray.data.sft import read_jsonl_records
+
+    if not cfg.finetune.paths:
+        tag = "llmos:stdlib-instructions"
+        return ([(tag, i, r) for i, r in enumerate(stdlib_instructions("train"), 1)],
+                [(tag, i, r) for i, r in enumerate(stdlib_instructions("val"), 1)])
+    train, val = [], []
+    for uri in expand(cfg.finetune.paths):
+        for source, line, record in read_jsonl_records(uri):
+            key = hashlib.sha1(f"{source}:{line}".encode()).digest()
+            held_out = int.from_bytes(key[:8], "big") / 2**64 < cfg.data.val_fraction
+            (val if held_out else train).append((source, line, record))
+    return train, val
+
+
+def expand(paths: Iterable[str]) -> list[str]:
+    """Files of fsspec URIs and globs, sorted; an unmatched path is an error naming it."""
+    import fsspec
+
+    out = []
+    for path in paths:
+        fs, _ = fsspec.core.url_to_fs(path)
+        matches = sorted(fs.glob(path)) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+        if "://" in path:
+            proto = path.split("://", 1)[0]
+            matches = [m if "://" in m else f"{proto}://{m}" for m in matches]
+        if not matches:
+            raise DataError(f"finetune.paths: {path!r} matches no file")
+        out += matches
+    return out
+
