@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "prepare_data": ("llmos_ray.data", "prepare"),
     "pretrain": ("llmos_ray.train", "pretrain"),
+    "finetune": ("llmos_ray.train.finetune", "finetune"),
+    "distill": ("llmos_ray.train.finetune", "distill"),
     "export": ("llmos_ray.train.checkpoint", "export"),
     "plan": ("llmos_ray.train.plan", "plan"),
 }

@@ -57,10 +57,22 @@ def cmd_pretrain(args) -> None:
     pretrain(_load(args))
 
 
+def cmd_finetune(args) -> None:
+    from llmos_ray.train.finetune import finetune
+
+    finetune(_load(args))
+
+
+def cmd_distill(args) -> None:
+    from llmos_ray.train.finetune import distill
+
+    distill(_load(args))
+
+
 def cmd_export(args) -> None:
     from llmos_ray.train.checkpoint import export
 
-    out = export(args.checkpoint, args.out_dir)
+    out = export(args.checkpoint, args.out_dir, merge_lora=False if args.adapter_only else None)
     print(f"exported {args.checkpoint} -> {out}")
 
 
@@ -68,6 +80,90 @@ def cmd_plan(args) -> None:
     from llmos_ray.train.plan import plan
 
     print(plan(_load(args), num_devices=args.devices))
+
+
+def cmd_serve(args) -> None:
+    import json
+
+    from llmos_ray.config import load_config
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append("serve.models=" + json.dumps(args.model))
+    if args.api_key:
+        overrides.append("serve.api_keys=" + json.dumps(args.api_key))
+    overrides += [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
+    if args.registry:
+        overrides.append(f"registry.uri={args.registry}")
+    cfg = load_config(args.config, overrides)
+    if args.emit_config:
+        from llmos_ray.serve.app import emit_config
+
+        emit_config(cfg, args.emit_config)
+        print(f"wrote {args.emit_config}\nrun it: serve run {args.emit_config}   (on a cluster: serve deploy "
+              f"{args.emit_config}; KubeRay: its applications go under RayService spec.serveConfigV2)")
+        return
+    from llmos_ray.serve import run_until_stopped, serve
+
+    serve(cfg)
+    s = cfg.serve
+    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+    auth = " -H 'Authorization: Bearer $KEY'" if s.api_keys or s.api_keys_file or os.environ.get("LLMOS_API_KEYS") \
+        else ""
+    print(f"serving {', '.join(s.models)} at {url}/v1 (OpenAI) and {url}/v2 (KServe v2); Ctrl-C stops\n"
+          f"try: curl {url}/v1/models{auth}")
+    run_until_stopped(cfg)
+    print("stopped")
+
+
+def cmd_evaluate(args) -> None:
+    import json
+
+    from llmos_ray.config import load_config
+    from llmos_ray.eval import evaluate, format_table
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append("eval.model=" + json.dumps(args.model))
+    report = evaluate(load_config(args.config, overrides))
+    print(format_table(report))
+    print(f"report: {report['report_path']}")
+
+
+def cmd_models(args) -> None:
+    import json
+
+    from llmos_ray import registry
+
+    uri = args.registry
+    if uri is None and args.config:
+        from llmos_ray.config import load_config
+
+        uri = load_config(args.config).registry.uri
+    if args.action == "list":
+        entries = registry.list_models(uri)
+        if not entries:
+            print(f"no models in {registry.registry_uri(uri)}; add one: llmos models register NAME DIR")
+        for e in entries:
+            evals = ", ".join(f"{k}={v}" for k, v in e.eval.items())
+            print(f"{e.name:24} {e.family or '-':10} {e.size or '-':6} {e.created:25} {e.uri}"
+                  + (f"  [{evals}]" if evals else ""))
+    elif args.action == "register":
+        from llmos_ray.errors import ConfigError
+
+        try:
+            meta = json.loads(args.meta) if args.meta else {}
+            evals = json.loads(args.eval) if args.eval else None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--eval and --meta take JSON objects: {e}") from None
+        e = registry.register(args.name, args.uri, family=args.family, size=args.size, source_run=args.source_run,
+                              eval=evals, overwrite=args.overwrite, registry=uri, **meta)
+        print(f"registered {e.name} -> {e.uri} in {registry.registry_uri(uri)}\nserve it: llmos serve --model {e.name}")
+    elif args.action == "remove":
+        e = registry.remove(args.name, uri)
+        print(f"removed {e.name} (was {e.uri}); the model files were not touched")
+    else:
+        print(json.dumps(registry.get(args.name, uri).to_dict(), indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,15 +186,61 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) on instruction data")
+    _config_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("distill", help="train a smaller student against a teacher's logits")
+    _config_args(p)
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("export", help="turn a checkpoint into a Hugging Face model directory")
     p.add_argument("checkpoint", help="checkpoint directory or URI (checkpoint_* under the run's storage)")
     p.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--adapter-only", action="store_true", help="for a LoRA run: write the adapter, not merged weights")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="per-device memory under each ZeRO stage and FLOPs per step")
     _config_args(p)
     p.add_argument("--devices", type=int, default=None, help="GPUs to plan for (default train.num_workers)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("serve", help="serve models over HTTP (OpenAI API + KServe v2) with Ray Serve")
+    _config_args(p)
+    p.add_argument("--model", "-m", action="append", default=[], metavar="DIR_OR_NAME",
+                   help="export directory, fsspec URI or registry name; NAME=SOURCE sets the served name (repeatable)")
+    p.add_argument("--host", help="HTTP host (default serve.host)")
+    p.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accepted API key (repeatable; also LLMOS_API_KEYS, serve.api_keys_file)")
+    p.add_argument("--registry", help="model registry file (default registry.uri, $LLMOS_REGISTRY, ~/.llmos/models.json)")
+    p.add_argument("--emit-config", metavar="FILE", help="write a Serve config file for serve run/deploy and exit")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("evaluate", help="perplexity, BLEU and ROUGE of models side by side (Ray Data inference)")
+    _config_args(p)
+    p.add_argument("--model", "-m", action="append", default=[], metavar="DIR_OR_NAME",
+                   help="model directory, fsspec URI or registry name (repeatable; default eval.model)")
+    p.set_defaults(func=cmd_evaluate)
+
+    models = sub.add_parser("models", help="the model library: named models").add_subparsers(dest="action",
+                                                                                               required=True)
+    for action, text in (("list", "list registered models"), ("register", "add a model"),
+                         ("remove", "delete an entry (not the files)"), ("show", "print one entry as JSON")):
+        m = models.add_parser(action, help=text)
+        m.add_argument("--registry", help="registry file or URI (default $LLMOS_REGISTRY, ~/.llmos/models.json)")
+        m.add_argument("--config", "-c", help="YAML config whose registry.uri to use")
+        if action != "list":
+            m.add_argument("name", help="model name (letters, digits, '.', '_', '-')")
+        if action == "register":
+            m.add_argument("uri", help="export or adapter directory, or an fsspec URI (s3://...)")
+            m.add_argument("--family")
+            m.add_argument("--size")
+            m.add_argument("--source-run")
+            m.add_argument("--eval", help="evaluation results as JSON, e.g. '{\"perplexity\": 41.2}'")
+            m.add_argument("--meta", help="extra metadata as a JSON object")
+            m.add_argument("--overwrite", action="store_true", help="replace an existing entry")
+        m.set_defaults(func=cmd_models)
     return parser
 
 

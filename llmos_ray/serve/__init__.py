@@ -1,0 +1,79 @@
+"""Serving: OpenAI-compatible and KServe v2 HTTP on Ray Serve, one deployment per model.
+
+    import llmos_ray.serve
+    handle = llmos_ray.serve.serve(cfg)      # cfg: Config (serve.models = dirs or registry names)
+    # -> http://{serve.host}:{serve.port}/v1/chat/completions, /v1/completions, /v2/models/{name}/infer
+
+Modules: engine (batched generation, the model deployment), app (HTTP ingress, build_app),
+schemas (OpenAI shapes), safety, apps (ready-made prompt apps), kserve (v2 protocol), spec
+(config -> served models), vllm (optional GPU engine), metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_started_ray = False
+
+
+def build_app(config: Any = None):
+    """The Serve application for `config` (see llmos_ray.serve.app.as_config for what it accepts)."""
+    from llmos_ray.serve.app import build_app as _build
+
+    return _build(config)
+
+
+def serve(config: Any = None):
+    """Deploy the models of `config` on Ray Serve and return the ingress DeploymentHandle.
+
+    Connects to Ray as `ray.init()` does ($RAY_ADDRESS, else a cluster started on this machine
+    with `ray start`, else a new local instance) unless Ray is already initialized. HTTP listens on
+    serve.host:serve.port (a Serve instance already running on this cluster keeps its own HTTP
+    options). Returns once every replica is ready."""
+    global _started_ray
+    import ray
+    from ray import serve as ray_serve
+
+    from llmos_ray.serve.app import as_config, build_app as _build
+
+    cfg = as_config(config)
+    app = _build(cfg)  # resolve models (registry, paths) before starting anything
+    if not ray.is_initialized():
+        ray.init()
+        _started_ray = True
+    ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    handle = ray_serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+    log.info("serving %s at http://%s:%d%s", cfg.serve.models, cfg.serve.host, cfg.serve.port,
+             cfg.serve.route_prefix)
+    return handle
+
+
+def run_until_stopped(config: Any = None) -> None:
+    """Block until SIGINT or SIGTERM, then delete the application (and disconnect from Ray if `serve`
+    connected; a local instance it started stops with it)."""
+    import ray
+    from ray import serve as ray_serve
+
+    from llmos_ray.serve.app import as_config
+
+    cfg = as_config(config)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("shutting down application %s", cfg.serve.app_name)
+        ray_serve.delete(cfg.serve.app_name)
+        if _started_ray:
+            ray.shutdown()
+
+
+__all__ = ["serve", "build_app", "run_until_stopped"]

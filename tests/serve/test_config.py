@@ -1,0 +1,122 @@
+"""Pure parts: request parsing, the v2 binary protocol, model resolution, Serve config files."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import yaml
+
+from llmos_ray.config import load_config
+from llmos_ray.errors import ConfigError, ModelError
+from llmos_ray.serve import kserve
+from llmos_ray.serve.app import as_config, emit_config
+from llmos_ray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from llmos_ray.serve.spec import resolve_models
+
+
+def test_parse_body_names_the_bad_field():
+    ok = parse_body(b'{"model": "m", "prompt": "hi", "stop": "x", "unknown_new_sdk_field": 1}', CompletionRequest)
+    assert ok.stop == ["x"] and ok.temperature == 1.0
+    cases = [(b'{"model": "m"}', CompletionRequest, "prompt"),
+             (b'{"model": "m", "prompt": "a", "top_p": 0}', CompletionRequest, "top_p"),
+             (b'{"model": "m", "prompt": "a", "max_tokens": 0}', CompletionRequest, "max_tokens"),
+             (b'{"model": "m", "messages": []}', ChatCompletionRequest, "messages"),
+             (b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', ChatCompletionRequest,
+              "messages.0.content")]
+    for raw, cls, param in cases:
+        with pytest.raises(APIError) as e:
+            parse_body(raw, cls)
+        assert (e.value.status, e.value.param) == (400, param), raw
+    with pytest.raises(APIError) as e:
+        parse_body(b"[1]", CompletionRequest)
+    assert e.value.code == "invalid_json"
+
+
+def test_kserve_binary_and_json_tensors():
+    texts = [b"hello", "h\u00e9".encode()]
+    raw = b"".join(struct.pack("<I", len(t)) + t for t in texts)
+    head = json.dumps({"id": "7", "inputs": [
+        {"name": "text_input", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(raw)}},
+        {"name": "max_tokens", "datatype": "INT32", "shape": [1], "data": [5]}],
+        "parameters": {"temperature": 0}, "outputs": [{"name": "text_output", "parameters": {"binary_data": True}}]
+    }).encode()
+    req = kserve.parse_infer(head + raw, str(len(head)))
+    assert req.texts == ["hello", "h\u00e9"] and req.sampling == {"temperature": 0, "max_tokens": 5}
+    assert req.binary_outputs == {"text_output"} and req.id == "7"
+    body, headers = kserve.infer_response("m", "7", ["a", "bc"], binary=True)
+    split = int(headers["inference-header-content-length"])
+    assert json.loads(body[:split])["outputs"][0]["parameters"]["binary_data_size"] == len(body) - split
+    with pytest.raises(APIError):
+        kserve.parse_infer(head + raw[:-1], str(len(head)))
+
+
+def test_models_resolve_from_paths_registry_and_adapters(tiny_model_dir, lora_dir, tmp_path):
+    from llmos_ray import registry
+
+    reg = str(tmp_path / "models.json")
+    registry.register("base-v1", tiny_model_dir, registry=reg)
+    cfg = load_config(None, {"registry.uri": reg, "serve.models": ["base-v1", lora_dir, f"copy={tiny_model_dir}"],
+                             "serve.model_options": {"copy": {"max_replicas": 3, "quantize": "int8"}}})
+    specs = {s.name: s for s in resolve_models(cfg)}
+    assert set(specs) == {"base-v1", "adapter", "copy"}
+    assert specs["base-v1"].uri == tiny_model_dir and specs["base-v1"].registry_entry["name"] == "base-v1"
+    assert specs["adapter"].base_uri == tiny_model_dir
+    assert (specs["copy"].max_replicas, specs["copy"].quantize, specs["base-v1"].max_replicas) == (3, "int8", 1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"serve.models": ["nope"]}, "neither a directory nor a name in the registry"),
+    ({"serve.models": ["a=DIR", "a=DIR"]}, "both served as 'a'"),
+    ({"serve.model_options": {"a": {"max_replica": 2}}}, "did you mean 'max_replicas'"),
+    ({"serve.model_options": {"other": {"max_replicas": 2}}}, "served models are ['a']"),
+    ({"serve.model_options": {"a": {"quantize": "int4"}}}, "serve.model_options.a.quantize"),
+    ({"serve.model_options": {"a": {"min_replicas": 3}}}, "min_replicas <= max_replicas"),
+    ({"serve.models": ["../x=DIR"]}, "served model name"),
+])
+def test_bad_serve_configs_say_what_to_change(tiny_model_dir, tmp_path, overrides, message):
+    base = {"registry.uri": str(tmp_path / "r.json"), "serve.models": ["a=DIR"]}
+    merged = {**base, **overrides}
+    merged["serve.models"] = [m.replace("DIR", tiny_model_dir) for m in merged["serve.models"]]
+    with pytest.raises((ConfigError, ModelError), match=None) as e:
+        resolve_models(load_config(None, merged))
+    assert message in str(e.value)
+
+
+def test_emitted_serve_config_builds_the_same_app_args(tiny_model_dir, tmp_path):
+    cfg = load_config(None, {"serve.models": [f"tiny={tiny_model_dir}"], "serve.port": 9000,
+                             "serve.model_options": {"tiny": {"max_replicas": 2}}})
+    path = tmp_path / "serve.yaml"
+    emit_config(cfg, str(path))
+    doc = yaml.safe_load(path.read_text())
+    app = doc["applications"][0]
+    assert app["import_path"] == "llmos_ray.serve.app:build_app" and doc["http_options"]["port"] == 9000
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(doc)  # what `serve deploy` and KubeRay accept
+    again = as_config(app["args"])
+    assert again.serve == cfg.serve
+    assert resolve_models(again)[0].max_replicas == 2
+
+
+def test_build_app_args_as_serve_run_passes_them(tiny_model_dir):
+    cfg = as_config({"models": f"[{tiny_model_dir}]", "port": "8123", "max_batch_size": "4"})
+    assert (cfg.serve.models, cfg.serve.port, cfg.serve.max_batch_size) == ([tiny_model_dir], 8123, 4)
+    with pytest.raises(ConfigError, match="unknown argument 'modle'"):
+        as_config({"modle": "x"})
+
+
+def test_an_adapter_base_relative_to_the_adapter_resolves(tiny_model_dir, lora_dir, tmp_path):
+    import shutil
+
+    from llmos_ray.serve.spec import resolve_source
+
+    os.symlink(tiny_model_dir, tmp_path / "base")
+    adapter = tmp_path / "runs" / "sft"
+    shutil.copytree(lora_dir, adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "../../base"}))
+    uri, base, entry = resolve_source(str(adapter), str(tmp_path / "r.json"))
+    assert (uri, entry) == (str(adapter), None) and os.path.samefile(base, tiny_model_dir)
