@@ -18,6 +18,7 @@ _LAZY = {
     "pretrain": ("llmos_ray.train", "pretrain"),
     "finetune": ("llmos_ray.train.finetune", "finetune"),
     "distill": ("llmos_ray.train.finetune", "distill"),
+    "evaluate": ("llmos_ray.eval", "evaluate"),
     "export": ("llmos_ray.train.checkpoint", "export"),
     "plan": ("llmos_ray.train.plan", "plan"),
 }

@@ -16,10 +16,10 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help="overrides parsed as YAML, e.g. train.lr=3e-4 'data.paths=[a.txt]'")
 
 
-def _load(args):
+def _load(args, job: str = "pretrain"):
     from llmos_ray.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, job=job)
 
 
 def cmd_config_show(args) -> None:
@@ -48,7 +48,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def cmd_data_prepare(args) -> None:
     from llmos_ray.data import prepare
 
-    prepare(_load(args))
+    prepare(_load(args, "prepare"))
 
 
 def cmd_pretrain(args) -> None:
@@ -60,13 +60,13 @@ def cmd_pretrain(args) -> None:
 def cmd_finetune(args) -> None:
     from llmos_ray.train.finetune import finetune
 
-    finetune(_load(args))
+    finetune(_load(args, "finetune"))
 
 
 def cmd_distill(args) -> None:
     from llmos_ray.train.finetune import distill
 
-    distill(_load(args))
+    distill(_load(args, "distill"))
 
 
 def cmd_export(args) -> None:
@@ -125,7 +125,7 @@ def cmd_evaluate(args) -> None:
     overrides = list(args.overrides)
     if args.model:
         overrides.append("eval.model=" + json.dumps(args.model))
-    report = evaluate(load_config(args.config, overrides))
+    report = evaluate(load_config(args.config, overrides, job="evaluate"))
     print(format_table(report))
     print(f"report: {report['report_path']}")
 

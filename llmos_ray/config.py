@@ -26,8 +26,8 @@ from llmos_ray.errors import ConfigError
 
 @dataclass
 class RunConfig:
-    name: str = "default"
-    """Run name: names the output directory and the Ray Train run (checkpoints, resume)."""
+    name: Optional[str] = None
+    """Run name (output directory, Ray Train run, resume); default: 'default' for pretrain, else the command."""
     output_dir: Optional[str] = None
     """Where metrics, the resolved config, the tokenizer and the export go (default runs/<name>)."""
     storage_path: Optional[str] = None
@@ -199,7 +199,7 @@ class EvalConfig:
     num_workers: int = 1
     """Ray Data inference actors."""
     max_length: Optional[int] = None
-    """Perplexity window in tokens; None = the model's context length."""
+    """Perplexity window in tokens; None = the data.seq_len it was trained with (our exports), else its context."""
     stride: Optional[int] = None
     """Tokens a perplexity window advances by (the rest is context); None = half the window."""
     max_documents: Optional[int] = None
@@ -317,9 +317,11 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def resolved(self) -> "Config":
-        """A copy with derived defaults filled in (output_dir, storage_path) and checked."""
+    def resolved(self, job: str = "pretrain") -> "Config":
+        """A copy with derived defaults filled in (run name for `job`, output_dir, storage_path) and checked."""
         cfg = copy.deepcopy(self)
+        if cfg.run.name is None:
+            cfg.run.name = DEFAULT_RUN_NAMES.get(job, job)
         if cfg.run.output_dir is None:
             cfg.run.output_dir = os.path.join("runs", cfg.run.name)
         if "://" not in cfg.run.output_dir:
@@ -340,6 +342,11 @@ def _abs_if_local(path: Optional[str]) -> Optional[str]:
     if path and "://" not in path and os.path.exists(os.path.expanduser(path)):
         return os.path.abspath(os.path.expanduser(path))
     return path
+
+
+DEFAULT_RUN_NAMES = {"pretrain": "default", "prepare": "default"}
+"""Run names when run.name is not set: `llmos pretrain` and `llmos data prepare` share runs/default;
+other commands use their own name (runs/finetune, runs/evaluate, …), so they never mix."""
 
 
 def _check(cfg: Config) -> None:
@@ -374,9 +381,10 @@ def _check(cfg: Config) -> None:
 # Loading: YAML + overrides -> raw dict -> typed dataclasses.
 
 
-def load_config(path: Optional[str] = None, overrides: Union[list[str], tuple[str, ...], dict, None] = None) -> Config:
+def load_config(path: Optional[str] = None, overrides: Union[list[str], tuple[str, ...], dict, None] = None,
+                job: str = "pretrain") -> Config:
     """Read `path` (YAML; optional), apply `overrides` ("a.b=value" strings or {"a.b": value}),
-    type-check everything and return the resolved Config."""
+    type-check everything and return the Config resolved for `job` (its default run name)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -390,7 +398,7 @@ def load_config(path: Optional[str] = None, overrides: Union[list[str], tuple[st
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(raw).__name__}")
     for key, value in _parse_overrides(overrides):
         _set_dotted(raw, key, value)
-    return from_dict(raw).resolved()
+    return from_dict(raw).resolved(job)
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

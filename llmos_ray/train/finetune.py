@@ -24,7 +24,7 @@ def finetune(cfg: Config) -> TrainResult:
     from llmos_ray.data.sft import build_examples, ensure_chat_template
     from llmos_ray.runtime import init_ray
 
-    cfg = _with_base(cfg.resolved())
+    cfg = _with_base(cfg.resolved("finetune"))
     tokenizer = load_tokenizer(cfg.model.base)
     ensure_chat_template(tokenizer)
     train_records, val_records = instruction_records(cfg)
@@ -34,7 +34,7 @@ def finetune(cfg: Config) -> TrainResult:
     print(f"fine-tuning data: {_describe(train.counts)}" + (f"; held out: {val.counts['examples']}" if val else ""))
     _check_batch(cfg, len(train.tokens))
     init_ray()
-    resume_from = resolve_resume(cfg)
+    resume_from = resolve_resume(cfg, "finetune")
     val_blocks = val.blocks()[: cfg.data.val_max_blocks] if val is not None else None
     return run_training(cfg, tokenizer, {"train": train.blocks()}, val_blocks, resume_from, job="finetune",
                         data_counts={"train": train.counts, "val": val.counts if val else None})
@@ -47,12 +47,12 @@ def distill(cfg: Config) -> TrainResult:
     from llmos_ray.runtime import init_ray
     from llmos_ray.train.trainer import collect_blocks
 
-    cfg = cfg.resolved()
+    cfg = cfg.resolved("distill")
     if not cfg.distill.teacher:
         raise ConfigError("distill.teacher is required: the model directory or hub id to learn from")
     init_ray()
     tokenizer = data.load_tokenizer(cfg.distill.teacher)
-    resume_from = resolve_resume(cfg)
+    resume_from = resolve_resume(cfg, "distill")
     train_ds = data.packed_dataset(cfg, tokenizer, "train")
     val_blocks = None
     if data.has_validation(cfg.data):

@@ -44,7 +44,7 @@ def pretrain(cfg: Config) -> TrainResult:
     from llmos_ray.runtime import init_ray
 
     init_ray()
-    resume_from = resolve_resume(cfg)
+    resume_from = resolve_resume(cfg, "pretrain")
     tokenizer = data.get_tokenizer(cfg)
     train_ds = data.packed_dataset(cfg, tokenizer, "train")
     val_blocks = None
@@ -146,11 +146,17 @@ def checkpoint_uri(ckpt) -> str:
     return f"{'gs' if kind == 'gcs' else kind}://{ckpt.path}"
 
 
-def resolve_resume(cfg: Config) -> Optional[str]:
+def resolve_resume(cfg: Config, job: str = "pretrain") -> Optional[str]:
     """Apply `run.resume`. 'auto': Ray Train continues this run's latest registered checkpoint by
     itself (same name + storage). 'never': refuse to mix with an existing run. Else: a checkpoint URI
-    to start from (checked now, not after workers have started)."""
+    to start from (checked now, not after workers have started). A run of another kind of job under
+    the same name is refused either way."""
     existing = run_exists(cfg)
+    if existing:
+        other = _run_job(cfg)
+        if other is not None and other != job:
+            raise ConfigError(f"run {cfg.run.name!r} in {cfg.run.storage_path} is a {other} run; "
+                              f"give this {job} run another run.name")
     if cfg.run.resume == "auto":
         if existing:
             log.info("run %r exists in %s: continuing from its latest checkpoint (run.resume=auto)",
@@ -174,6 +180,18 @@ def run_exists(cfg: Config) -> bool:
     path = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/checkpoint_manager_snapshot.json"
     fs, p = fsspec.core.url_to_fs(path)
     return fs.exists(p)
+
+
+def _run_job(cfg: Config) -> Optional[str]:
+    """The job ('pretrain', 'finetune', 'distill') of the newest checkpoint of an existing run."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}")
+    states = sorted(fs.glob(f"{root}/checkpoint_*/llmos_state.json"))
+    if not states:
+        return None
+    with fs.open(states[-1]) as f:
+        return json.load(f).get("job", "pretrain")
 
 
 def collect_blocks(ds, block_len: int, max_blocks: int) -> np.ndarray:

@@ -1,0 +1,85 @@
+"""Batched greedy generation for generation tasks (no Ray).
+
+Prompts are encoded with the tokenizer's defaults (a BOS where the tokenizer adds one), cut from
+the left when prompt + max_new_tokens would not fit the context, sorted by length, left-padded
+with the pad token (EOS when there is none) and decoded greedily, `batch_size` at a time. An
+answer ends at EOS, at max_new_tokens, or just before the first of the `stop` strings.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from llmos_ray.eval.metrics import context_length
+
+
+def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,
+                    stop: Sequence[str] = ()) -> list[dict]:
+    """Per prompt, in order: {"output": answer text (stripped), "prompt_tokens": tokens fed,
+    "new_tokens": tokens generated, "truncated": whether the prompt was cut to fit}."""
+    import torch
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    room = context_length(model) - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of "
+                         f"{context_length(model)} tokens")
+    encoded = tokenizer(list(prompts))["input_ids"]
+    truncated = [len(ids) > room for ids in encoded]
+    encoded = [ids[-room:] if len(ids) > room else ids for ids in encoded]
+    if any(not ids for ids in encoded):
+        raise ValueError("an empty prompt encodes to no tokens; give the model something to continue")
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=pad, eos_token_id=sorted(eos),
+                                  stop_strings=list(stop) or None)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    device = next(model.parameters()).device
+    results: list[dict] = [{} for _ in encoded]
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding: every row's next token is the last column
+                ids = encoded[i]
+                input_ids[r, width - len(ids):] = torch.tensor(ids)
+                attention[r, width - len(ids):] = 1
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 generation_config=generation,
+                                 **({"tokenizer": tokenizer} if stop else {}))
+            for r, i in enumerate(rows):
+                new = out[r, width:].tolist()
+                for n, token in enumerate(new):
+                    if token in eos:
+                        new = new[:n]
+                        break
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                results[i] = {"output": cut_at_stop(text, stop).strip(), "prompt_tokens": len(encoded[i]),
+                              "new_tokens": len(new), "truncated": truncated[i]}
+    return results
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("neither the model nor the tokenizer names an eos token")
+    return ids
