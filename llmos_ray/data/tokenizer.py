@@ -1,14 +1,18 @@
 """Tokenizers: train a byte-level BPE on corpus text, or load an existing one.
 
 A trained tokenizer is saved as a directory that `transformers.AutoTokenizer` loads, with
-bos/eos/pad and the chat special tokens, and a chat template that uses them.
+bos/eos/pad and the chat special tokens, and a chat template that uses them. `get_tokenizer(cfg)`
+picks a run's tokenizer: data.tokenizer, else the one already trained for the run, else a new one
+trained on the run's training documents.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Iterable, Optional
+import time
+from typing import Iterable, Iterator, Optional
 
 from llmos_ray.errors import DataError
 
@@ -66,13 +70,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Optional[str
     return hf
 
 
-def save_tokenizer(tokenizer, out_dir: str) -> None:
-    """Save atomically: a directory is either complete or absent."""
+def save_tokenizer(tokenizer, out_dir: str, metadata: Optional[dict] = None) -> None:
+    """Save atomically: a directory is either complete or absent. `metadata` (how it was
+    trained) goes to TRAINING_FILE beside it."""
     import shutil
 
     tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(tmp)
+    if metadata is not None:
+        with open(os.path.join(tmp, TRAINING_FILE), "w") as f:
+            json.dump(metadata, f, indent=2)
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -91,3 +99,103 @@ def load_tokenizer(name_or_path: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+TRAINING_FILE = "llmos_tokenizer.json"
+
+
+def tokenizer_dir(cfg) -> str:
+    """Where a run's trained tokenizer lives: <run.output_dir>/tokenizer (any fsspec URI)."""
+    return f"{cfg.run.output_dir.rstrip('/')}/tokenizer"
+
+
+def get_tokenizer(cfg):
+    """The tokenizer of a run (a transformers fast tokenizer).
+
+    data.tokenizer when set; else the tokenizer already trained for this run in
+    `tokenizer_dir(cfg)` (a resumed run reuses it); else a byte-level BPE of data.vocab_size
+    trained on the first data.tokenizer_sample_bytes of the training documents in corpus order
+    (cleaned and split exactly as the pipeline does; whole documents, the last one may cross
+    the limit), saved there."""
+    data = cfg.data
+    if data.tokenizer:
+        return load_tokenizer(data.tokenizer)
+    out = tokenizer_dir(cfg)
+    remote = "://" in out and not out.startswith("file://")
+    local = _local_cache(out) if remote else out.removeprefix("file://")
+    if _is_saved(out, remote):
+        if remote:
+            _copy(out, local, download=True)
+        tok = load_tokenizer(local)
+        _warn_if_changed(local, data, out)
+        log.info("tokenizer: reusing %s (%d tokens)", out, len(tok))
+        return tok
+    from llmos_ray.data.documents import iter_documents
+
+    start = time.time()
+    sample = _Sample(iter_documents(data, "train"), data.tokenizer_sample_bytes)
+    tok = train_tokenizer(sample, data.vocab_size)
+    metadata = {"vocab_size": data.vocab_size, "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
+                "sample_documents": sample.documents, "sample_bytes": sample.bytes,
+                "seconds": round(time.time() - start, 2)}
+    save_tokenizer(tok, local, metadata)
+    if remote:
+        _copy(local, out, download=False)
+    log.info("tokenizer: trained %d tokens on %d documents (%.1f MB) in %.1f s -> %s", len(tok), sample.documents,
+             sample.bytes / 1e6, time.time() - start, out)
+    return load_tokenizer(local)
+
+
+class _Sample:
+    """Documents from `texts` until `limit` UTF-8 bytes have been yielded (whole documents)."""
+
+    def __init__(self, texts: Iterable[str], limit: int):
+        self.texts, self.limit = texts, limit
+        self.documents = self.bytes = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            if self.bytes >= self.limit:
+                return
+            self.documents += 1
+            self.bytes += len(text.encode("utf-8"))
+            yield text
+
+
+def _is_saved(out: str, remote: bool) -> bool:
+    if not remote:
+        return os.path.isfile(os.path.join(out.removeprefix("file://"), "tokenizer_config.json"))
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    return fs.exists(f"{path}/tokenizer_config.json")
+
+
+def _local_cache(uri: str) -> str:
+    import hashlib
+
+    root = os.path.join(os.path.expanduser("~"), ".cache", "llmos-ray", "tokenizers")
+    return os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16])
+
+
+def _copy(src: str, dst: str, download: bool) -> None:
+    import fsspec
+
+    if download:
+        fs, path = fsspec.core.url_to_fs(src)
+        os.makedirs(dst, exist_ok=True)
+        fs.get(path.rstrip("/") + "/", dst.rstrip("/") + "/", recursive=True)
+    else:
+        fs, path = fsspec.core.url_to_fs(dst)
+        fs.put(src.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+
+
+def _warn_if_changed(local: str, data, where: str) -> None:
+    try:
+        with open(os.path.join(local, TRAINING_FILE)) as f:
+            trained = json.load(f)
+    except (OSError, ValueError):
+        return
+    if trained.get("vocab_size") != data.vocab_size:
+        log.warning("tokenizer %s was trained with data.vocab_size=%s, the config now says %s; delete the "
+                    "directory to train a new one", where, trained.get("vocab_size"), data.vocab_size)

@@ -1,0 +1,296 @@
+"""Ray Data pipelines: corpus → cleaned documents → tokenized blocks of seq_len + 1 tokens.
+
+    ReadCorpus       tasks    read units (consecutive sources, 1-64 MB) → blocks of records
+    limit            —        data.max_documents records (when set)
+    CountAndSplit    1 actor  the ledger: counts, drops bad/short/duplicates, keeps one split,
+                              emits one row {"texts"} per data.batch_docs documents
+    TokenizeAndPack  tasks    one such row → rows {"input_ids": int32} of seq_len + 1 tokens
+    limit            —        data.val_max_blocks rows (validation only)
+
+Execution preserves order (`preserve_order=True` on each dataset's context), and a batch of
+documents is one row, so batch boundaries (hence the tail rows) depend only on the documents —
+not on how Ray sizes blocks or how many read tasks there are: the stream is the same on every run
+and cluster, documents in corpus order, rows in document order. Every task asks for at most 1 CPU
+(and tokenizes on one thread); the ledger asks for none. Nothing is materialised: a consumer
+streams the rows (`iter_batches`, or Ray Train's `get_dataset_shard` / `streaming_split`) and
+joins the tail rows with `llmos_ray.data.iter_blocks`. Ray Train replaces a dataset's execution options with its own
+`DataConfig`'s: pass `ray.train.DataConfig(execution_options=ingest_options())` to keep the order.
+
+Bad files raise `DataError` inside a Ray task; wrap consumption in `data_errors()` to get the
+`DataError` itself rather than Ray's wrapper with the remote traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import pickle
+import uuid
+import warnings
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from llmos_ray.data.documents import READ_SCHEMA, Ledger, read_blocks, record_limit
+from llmos_ray.data.pack import pack_documents
+from llmos_ray.data.sources import Corpus, Source, resolve_corpus
+from llmos_ray.data.stats import stats_actor
+from llmos_ray.errors import DataError, LlmosError
+
+log = logging.getLogger(__name__)
+
+READ_UNIT_BYTES = (1 << 20, 64 << 20)
+"""A read unit (one task) holds consecutive sources until their stored size reaches 1/64 of the
+corpus, kept within these bounds: small corpora still stream through several tasks."""
+READ_UNIT_FILES = 512
+"""... or until this many files are in the unit."""
+BATCH_SCHEMA = pa.schema([("texts", pa.list_(pa.large_string()))])
+PACKED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
+
+
+def has_validation(data) -> bool:
+    """Whether a DataConfig defines a validation split (data.val_paths or data.val_fraction > 0)."""
+    return bool(data.val_paths) or data.val_fraction > 0
+
+
+def ingest_options():
+    """Ray Data ExecutionOptions for Ray Train's DataConfig: the current ones, order preserved."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, exclude_resources=current.exclude_resources,
+                            preserve_order=True, verbose_progress=current.verbose_progress)
+
+
+def read_units(sources: list[Source]) -> list[list[int]]:
+    """Group consecutive sources into read units (one Ray task each), by stored size and count."""
+    low, high = READ_UNIT_BYTES
+    target = min(max(sum(s.size for s in sources) // 64, low), high)
+    units: list[list[int]] = []
+    unit: list[int] = []
+    size = 0
+    for i, source in enumerate(sources):
+        unit.append(i)
+        size += source.size
+        if size >= target or len(unit) >= READ_UNIT_FILES:
+            units.append(unit)
+            unit, size = [], 0
+    if unit:
+        units.append(unit)
+    return units
+
+
+def documents_dataset(cfg, split: str = "train"):
+    """The cleaned documents of `split` ("train" or "val") as a Ray Dataset of rows {"text"}, in
+    corpus order. Counts are published while it streams (`corpus_stats(cfg, split)`)."""
+    import pyarrow.compute as pc
+
+    def explode(batch: pa.Table) -> pa.Table:
+        return pa.table({"text": pc.list_flatten(batch.column("texts"))})
+
+    # A cheap step: a quarter CPU, so it never waits behind the CPU-bound stages.
+    return document_batches(cfg, split).map_batches(explode, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+
+
+def document_batches(cfg, split: str = "train"):
+    """The cleaned documents of `split` in rows {"texts": [data.batch_docs documents]} (the last
+    row may hold fewer), in corpus order: the input of the packing stage."""
+    import ray
+
+    data = cfg.data
+    if split == "val" and not has_validation(data):
+        raise DataError("no validation split: set data.val_fraction > 0 or data.val_paths")
+    corpus = resolve_corpus(data, split)
+    units = read_units(corpus.sources)
+    log.info("%s corpus: %s (%d read task%s)", split, corpus.description, len(units), "s"[:len(units) != 1])
+    board = stats_actor(cfg.run.name, split)
+    ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(ReadCorpus(corpus, units), batch_size=1, batch_format="numpy", num_cpus=1)
+    limit = record_limit(data, split)
+    if limit is not None:
+        ds = ds.limit(limit)
+    stage = {"ledger": Ledger.for_config(data, corpus, split), "board": board, "batch_docs": data.batch_docs,
+             "record_limit": limit}
+    with warnings.catch_warnings():
+        # The ledger is stateful and must see blocks in corpus order: Ray Data lets map actors run
+        # tasks out of order by default, and restarts them (which would restart the counts). Both
+        # settings go through Ray's deprecated **ray_remote_args; there is no named parameter yet.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        return ds.map_batches(CountAndSplit, fn_constructor_kwargs=stage, batch_size=None, batch_format="pyarrow",
+                              zero_copy_batch=True, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+                              allow_out_of_order_execution=False, max_restarts=0)
+
+
+def packed_dataset(cfg, tokenizer, split: str = "train"):
+    """Tokenized documents of `split` packed into rows {"input_ids": int32[seq_len + 1]}.
+
+    Each batch of data.batch_docs documents is tokenized (no special tokens added), each
+    document followed by EOS, and cut into rows of seq_len + 1 tokens plus at most one shorter
+    tail row; consumers join tails with `iter_blocks`. `tokenizer` is a transformers tokenizer
+    (see `get_tokenizer`) or a directory. Validation is capped at data.val_max_blocks rows."""
+    if isinstance(tokenizer, str):
+        from llmos_ray.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    data = cfg.data
+    # One batch of documents per packing task, however the ledger's output blocks were formed.
+    ds = document_batches(cfg, split).repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(TokenizeAndPack(tokenizer, data.seq_len + 1), batch_size=1, batch_format="pyarrow",
+                        zero_copy_batch=True, num_cpus=1)
+    if split == "val":
+        ds = ds.limit(data.val_max_blocks)
+    return ds
+
+
+class ReadCorpus:
+    """Ray Data UDF: a batch of read-unit numbers → blocks of records (documents.READ_SCHEMA).
+
+    The last unit ends with `END_OF_CORPUS`, a one-row block telling the ledger to flush."""
+
+    def __init__(self, corpus: Corpus, units: list[list[int]]):
+        self.corpus, self.units = corpus, units
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        for unit in batch["unit"]:
+            yield from read_blocks(self.corpus, self.units[int(unit)])
+            if int(unit) == len(self.units) - 1:
+                yield end_of_corpus()
+
+
+def end_of_corpus() -> pa.Table:
+    """The marker row after the last record: file -1."""
+    return pa.table({"file": [-1], "line": [0], "text": [None], "reason": [None], "key": [bytes(16)], "bucket": [0]},
+                    schema=READ_SCHEMA)
+
+
+class CountAndSplit:
+    """Ray Data actor UDF: the `Ledger` (sees every block in corpus order, publishes its counts),
+    then `Batcher`: one output row per data.batch_docs documents."""
+
+    def __init__(self, ledger: Ledger, board, batch_docs: int, record_limit: Optional[int] = None):
+        import ray
+
+        self._ray = ray
+        self.ledger, self.board = ledger, board
+        self.batcher = Batcher(batch_docs)
+        self.record_limit = record_limit
+        self.execution = uuid.uuid4().hex
+        self._reported_bad = -1
+        self._report()
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        ended = block.num_rows > 0 and block.column("file")[-1].as_py() == -1
+        if ended:
+            block = block.slice(0, block.num_rows - 1)
+        self.batcher.push(self.ledger.add(block))
+        self._report()
+        ended = ended or (self.record_limit is not None and self.ledger.records >= self.record_limit)
+        return self.batcher.pop(final=ended)
+
+    def _report(self) -> None:
+        counts = self.ledger.counts()
+        if self.ledger.bad_records == self._reported_bad:  # unchanged: keep the board's copy
+            counts.pop("bad_by_file")
+            counts.pop("bad_count_by_file")
+        self._reported_bad = self.ledger.bad_records
+        self._ray.get(self.board.update.remote(self.execution, counts))
+
+
+class Batcher:
+    """Groups an ordered stream of documents ({"text"} tables) into rows {"texts"} of exactly
+    `size` documents; `pop(final=True)` also returns the remainder as a last, shorter row."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pending: list[pa.Array] = []
+        self.count = 0
+
+    def push(self, documents: pa.Table) -> None:
+        if documents.num_rows:
+            self.pending.append(documents.column("text").combine_chunks().cast(pa.large_string()))
+            self.count += documents.num_rows
+
+    def pop(self, final: bool = False) -> pa.Table:
+        whole = self.count - self.count % self.size
+        take = self.count if final else whole
+        values = pa.concat_arrays(self.pending) if self.pending else pa.array([], pa.large_string())
+        bounds = list(range(0, whole + 1, self.size)) + ([take] if take > whole else [])
+        self.pending, self.count = ([values.slice(take)] if take < self.count else []), self.count - take
+        if len(bounds) < 2:
+            return BATCH_SCHEMA.empty_table()
+        rows = pa.ListArray.from_arrays(pa.array(bounds, pa.int32()), values.slice(0, take))
+        return pa.Table.from_arrays([rows], schema=BATCH_SCHEMA)
+
+
+_ENCODERS: dict[str, Any] = {}  # per worker process: tokenizer key → loaded tokenizer
+
+
+class TokenizeAndPack:
+    """Ray Data UDF: one row {"texts"} (a batch of documents) → packed rows {"input_ids"}.
+
+    Carries the tokenizer as its serialized JSON (fast tokenizers) and loads it once per worker
+    process; encodes with the `tokenizers` backend directly (no special tokens added)."""
+
+    def __init__(self, tokenizer, block_len: int):
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no eos token; documents are joined with it when packing")
+        self.eos_id, self.block_len = int(tokenizer.eos_token_id), block_len
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self.kind, self.payload = "tokenizers", backend.to_str().encode("utf-8")
+        else:
+            self.kind, self.payload = "transformers", pickle.dumps(tokenizer)
+        self.key = hashlib.sha1(self.payload).hexdigest()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        enc = _ENCODERS.get(self.key)
+        if enc is None:
+            if self.kind == "tokenizers":
+                from tokenizers import Tokenizer
+
+                # This task holds one CPU: encode on one thread; tasks side by side use the others.
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
+                enc = Tokenizer.from_str(self.payload.decode("utf-8"))
+            else:
+                enc = pickle.loads(self.payload)
+            _ENCODERS[self.key] = enc
+        if self.kind == "tokenizers":
+            return [e.ids for e in enc.encode_batch(texts, add_special_tokens=False)]
+        return enc(texts, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        texts = pc.list_flatten(batch.column("texts")).to_pylist()
+        values, offsets = pack_documents(self.encode(texts), self.eos_id, self.block_len)
+        return pa.Table.from_arrays([pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))],
+                                    schema=PACKED_SCHEMA)
+
+
+@contextlib.contextmanager
+def data_errors():
+    """Re-raise an LlmosError (e.g. DataError) raised inside a Ray task as itself."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unchanged unless it wraps one of ours
+        cause = _llmos_cause(e)
+        if cause is None or cause is e:
+            raise
+        raise cause from None
+
+
+def _llmos_cause(e: Optional[BaseException]) -> Optional[LlmosError]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)  # RayTaskError keeps the remote exception here
+        if isinstance(inner, LlmosError):
+            return inner
+        if isinstance(e, LlmosError) and type(e).__module__.startswith("llmos_ray"):
+            return e
+        e = inner if isinstance(inner, BaseException) else e.__cause__
+    return None

@@ -1,0 +1,174 @@
+"""`llmos data prepare`: read, clean, tokenize and pack a corpus once, and account for it.
+
+Writes, under run.output_dir (local path or fsspec URI):
+
+    config.yaml                      the resolved config
+    tokenizer/                       the run's tokenizer (trained unless data.tokenizer is set)
+    data/train/part-00000.parquet …  rows {"input_ids": list<int32>} in stream order: seq_len + 1
+    data/val/part-00000.parquet …    tokens each, tail rows shorter (join them with iter_blocks)
+    stats.json                       written last, so its presence means the rest is complete
+
+stats.json holds the ledger's counts (records, documents, train/val documents, bad_records,
+dropped_short, duplicates, bad_by_file with line numbers), token and block counts, and timing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Optional
+
+from llmos_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PART_TOKENS = 64 << 20  # tokens per parquet part file (256 MB of int32)
+PROGRESS_SECONDS = 10.0
+_SUMMED = ("records", "documents", "train_documents", "val_documents", "dropped_short", "duplicates",
+           "bad_records", "chars")
+
+
+def prepare(cfg) -> dict:
+    """Run the corpus pipeline for `cfg` and write tokenizer, packed splits and stats.json (see
+    module doc). Returns the stats; prints a summary and the next command."""
+    import fsspec
+
+    from llmos_ray.config import save_config
+    from llmos_ray.data.pipeline import data_errors, has_validation
+    from llmos_ray.data.sources import resolve_corpus
+    from llmos_ray.data.stats import corpus_stats
+    from llmos_ray.data.tokenizer import get_tokenizer, tokenizer_dir
+
+    cfg = cfg.resolved()
+    start = time.time()
+    out = cfg.run.output_dir.rstrip("/")
+    fs, root = fsspec.core.url_to_fs(out)
+    if fs.exists(f"{root}/stats.json"):
+        fs.rm(f"{root}/stats.json")
+    save_config(cfg, f"{out}/config.yaml")
+    _ensure_ray()
+    with data_errors():
+        tokenizer = get_tokenizer(cfg)
+        train = _write_split(cfg, tokenizer, "train", f"{out}/data/train")
+        counts = corpus_stats(cfg, "train")
+        if train["tokens"] == 0:
+            raise DataError(f"the corpus left no training documents: {_describe(counts, cfg)}")
+        val: Optional[dict] = None
+        if has_validation(cfg.data):
+            val = _write_split(cfg, tokenizer, "val", f"{out}/data/val")
+            if val["tokens"] == 0:
+                log.warning("the validation split is empty: no document fell in data.val_fraction=%g of %d; raise "
+                            "it or set data.val_paths", cfg.data.val_fraction, counts.get("documents", 0))
+            if cfg.data.val_paths:
+                counts = _merge(counts, corpus_stats(cfg, "val"))
+    block_len = cfg.data.seq_len + 1
+    seconds = time.time() - start
+    corpus = resolve_corpus(cfg.data, "train")
+    stats = {
+        "corpus": corpus.description, "files": len(corpus.sources),
+        **{k: counts.get(k, 0) for k in _SUMMED},
+        "tokens": train["tokens"], "blocks": train["tokens"] // block_len, "rows": train["rows"],
+        "val_tokens": val["tokens"] if val else 0, "val_blocks": val["tokens"] // block_len if val else 0,
+        "val_rows": val["rows"] if val else 0,
+        "seq_len": cfg.data.seq_len, "block_len": block_len, "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer": cfg.data.tokenizer or tokenizer_dir(cfg),
+        "train_dir": f"{out}/data/train", "val_dir": f"{out}/data/val" if val else None,
+        "bad_count_by_file": counts.get("bad_count_by_file", {}),
+        "bad_by_file": counts.get("bad_by_file", {}),
+        "seconds": round(seconds, 2), "tokens_per_second": round(train["tokens"] / max(seconds, 1e-9)),
+    }
+    with fs.open(f"{root}/stats.json", "w") as f:
+        json.dump(stats, f, indent=2)
+    print(_summary(stats, out))
+    return stats
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def _write_split(cfg, tokenizer, split: str, dest: str) -> dict:
+    """Stream one split's packed rows into parquet part files under `dest`, in order."""
+    import fsspec
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from llmos_ray.data.pipeline import PACKED_SCHEMA, packed_dataset
+    from llmos_ray.data.stats import corpus_stats
+
+    fs, root = fsspec.core.url_to_fs(dest)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    fs.makedirs(root, exist_ok=True)
+    ds = packed_dataset(cfg, tokenizer, split)
+    rows = tokens = part_tokens = parts = 0
+    writer = file = None
+    started = last_log = time.time()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if batch.num_rows == 0:
+                continue
+            if writer is None:
+                file = fs.open(f"{root}/part-{parts:05d}.parquet", "wb")
+                writer = pq.ParquetWriter(file, PACKED_SCHEMA, compression="zstd")
+                parts += 1
+            writer.write_table(batch.cast(PACKED_SCHEMA))
+            n = pc.sum(pc.list_value_length(batch.column("input_ids"))).as_py() or 0
+            rows, tokens, part_tokens = rows + batch.num_rows, tokens + n, part_tokens + n
+            if part_tokens >= PART_TOKENS:
+                writer.close()
+                file.close()
+                writer = file = None
+                part_tokens = 0
+            if time.time() - last_log >= PROGRESS_SECONDS:
+                last_log = time.time()
+                read = corpus_stats(cfg, split).get("records", 0)
+                log.info("%s: %d records read, %s tokens packed (%.0f tokens/s)", split, read, f"{tokens:,}",
+                         tokens / (last_log - started))
+    finally:
+        if writer is not None:
+            writer.close()
+            file.close()
+    log.info("%s: %s tokens in %d rows, %d part file(s) -> %s (%.1f s)", split, f"{tokens:,}", rows, parts, dest,
+             time.time() - started)
+    return {"rows": rows, "tokens": tokens, "parts": parts}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    merged = {k: a.get(k, 0) + b.get(k, 0) for k in _SUMMED}
+    merged["bad_by_file"] = {**a.get("bad_by_file", {}), **b.get("bad_by_file", {})}
+    merged["bad_count_by_file"] = {**a.get("bad_count_by_file", {}), **b.get("bad_count_by_file", {})}
+    return merged
+
+
+def _describe(counts: dict, cfg) -> str:
+    return (f"{counts.get('records', 0)} records read: {counts.get('bad_records', 0)} bad, "
+            f"{counts.get('dropped_short', 0)} shorter than data.min_chars={cfg.data.min_chars}, "
+            f"{counts.get('duplicates', 0)} duplicates, {counts.get('val_documents', 0)} held out for validation")
+
+
+def _summary(s: dict, out: str) -> str:
+    lines = [
+        f"corpus     {s['corpus']}",
+        f"documents  {s['documents']:,} kept ({s['train_documents']:,} train, {s['val_documents']:,} val) of "
+        f"{s['records']:,} read; dropped {s['bad_records']:,} bad, {s['dropped_short']:,} short, "
+        f"{s['duplicates']:,} duplicate",
+        f"tokens     {s['tokens']:,} train = {s['blocks']:,} blocks of {s['block_len']}; {s['val_tokens']:,} val = "
+        f"{s['val_blocks']:,} blocks",
+    ]
+    if s["bad_count_by_file"]:
+        uri, n = next(iter(s["bad_count_by_file"].items()))
+        first = s["bad_by_file"][uri][0]
+        lines.append(f"bad        {s['bad_records']:,} in {len(s['bad_count_by_file'])} file(s); e.g. {uri} "
+                     f"line {first['line']}: {first['reason']} (all in stats.json)")
+    lines += [
+        f"written    {out}/data, {s['tokenizer']}, {out}/stats.json in {s['seconds']:.1f} s "
+        f"({s['tokens_per_second']:,} tokens/s)",
+        f"next       llmos pretrain --config {out}/config.yaml",
+    ]
+    return "\n".join(lines)

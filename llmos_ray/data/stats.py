@@ -1,0 +1,70 @@
+"""Corpus counts published while a pipeline streams, readable from anywhere in the Ray job.
+
+The pipeline's ledger stage (one Ray actor that sees every block in corpus order, see
+`documents.Ledger`) sends its counts after each block to a small named actor, one per run and
+split. Each execution of a dataset (every epoch, every evaluation pass) has its own ledger and
+its own entry; `corpus_stats(cfg, split)` returns the entry of the most recent execution:
+
+    {"records", "documents", "train_documents", "val_documents", "dropped_short", "duplicates",
+     "bad_records", "chars", "bad_by_file": {uri: [{"line", "reason"}, ...]},
+     "bad_count_by_file": {uri: n}}
+
+The counts are complete once the consumer has read the whole stream (the ledger reports a block
+before passing it on). Lookups work from the driver, Ray Train workers and Ray Data tasks alike.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from llmos_ray.errors import DataError
+
+_KEPT_EXECUTIONS = 8
+
+
+class StatsBoard:
+    """The named actor's state: the latest counts of each recent pipeline execution, in the order
+    the executions started."""
+
+    def __init__(self):
+        self._runs: dict[str, dict] = {}
+
+    def update(self, execution: str, counts: dict) -> None:
+        """Replace an execution's counts; keys left out (unchanged bad-record lists) are kept."""
+        previous = self._runs.get(execution, {})
+        self._runs[execution] = {**previous, **counts}
+        while len(self._runs) > _KEPT_EXECUTIONS:
+            self._runs.pop(next(iter(self._runs)))
+
+    def latest(self) -> Optional[dict]:
+        return next(reversed(self._runs.values())) if self._runs else None
+
+
+def actor_name(run_name: str, split: str) -> str:
+    return f"llmos-data-stats:{run_name}:{split}"
+
+
+_HANDLES: dict[str, object] = {}  # named actors are reference counted: this process keeps them alive
+
+
+def stats_actor(run_name: str, split: str):
+    """Get or create the named stats actor of a run's split (0 CPUs). The creating process holds a
+    handle, so the actor lives as long as it does (not detached: it ends with the job)."""
+    import ray
+
+    name = actor_name(run_name, split)
+    remote = ray.remote(num_cpus=0, max_restarts=0)(StatsBoard)
+    # Resolved by name every time (a handle kept from an earlier Ray session would be stale).
+    _HANDLES[name] = remote.options(name=name, get_if_exists=True).remote()
+    return _HANDLES[name]
+
+
+def corpus_stats(cfg, split: str = "train") -> dict:
+    """Counts of the latest execution of `cfg`'s `split` pipeline in this Ray job (see module doc)."""
+    import ray
+
+    try:
+        actor = ray.get_actor(actor_name(cfg.run.name, split))
+    except ValueError:
+        raise DataError(f"no {split} data pipeline of run {cfg.run.name!r} has been built in this Ray job") from None
+    return ray.get(actor.latest.remote()) or {}
