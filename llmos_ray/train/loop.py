@@ -345,8 +345,8 @@ class ArrayReader:
 
 def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None):
     """A fresh preset model sized for `tokenizer`, or `model.base` loaded from a directory or the hub.
-    Under ZeRO-3 (`ds_config` given) parameters are partitioned as they are created
-    (deepspeed.zero.Init through transformers), so no rank holds the whole model."""
+    Under ZeRO-3 (`ds_config` given) a base model's parameters are partitioned as they are created
+    (deepspeed.zero.Init through transformers) and filled tensor by tensor, so no rank holds it whole."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmos_ray.models import load_pretrained, preset_config
@@ -361,7 +361,11 @@ def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None):
         hf_config = preset_config(cfg.model.family, cfg.model.size, len(tokenizer), cfg.data.seq_len,
                                   bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                                   pad_id=tokenizer.pad_token_id, overrides=cfg.model.overrides)
-    if not zero3:
+    if not zero3 or not cfg.model.base:
+        # A fresh model is built whole on every rank from the same seed and partitioned by
+        # deepspeed.initialize: transformers' ZeRO-3 initialisation under zero.Init leaves some
+        # weights uninitialised in the versions we test with (NaN losses). Costs host memory for
+        # the full model per rank while building; loading a base model below does not.
         return AutoModelForCausalLM.from_config(hf_config)
     from transformers.integrations import HfDeepSpeedConfig
 

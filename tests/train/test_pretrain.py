@@ -169,6 +169,18 @@ def test_export_loads_generates_and_stops_at_eos(runs):
     assert out.shape[1] == prompt_len + 3 and out[0, -1].item() == tok.eos_token_id
 
 
+def test_fresh_preset_starts_identically_under_zero3_and_zero0(ray_session, blocks, tmp_path):
+    """No base model: both stages build the preset from the seed; ZeRO-3 must not corrupt it."""
+    first = {}
+    for stage in (0, 3):
+        cfg = make_config(tmp_path, f"fresh{stage}", "null", "model.family=gpt2", "model.size=tiny",
+                          f"deepspeed.zero_stage={stage}", "train.max_steps=2", "train.export=false")
+        result = run_training(cfg, blocks["tokenizer"], {"train": blocks["train"]}, None, None)
+        first[stage] = losses(result.history)
+    assert np.isfinite(first[3][1]) and first[3][1] == pytest.approx(first[0][1], abs=1e-4)
+    assert first[3][2] == pytest.approx(first[0][2], abs=LOSS_ATOL)
+
+
 def test_worker_killed_mid_run_finishes_at_exact_step(ray_session, blocks, tiny_model_dir, tmp_path, runs):
     """A training worker process killed from outside after step 5: Ray restarts the group from the
     step-4 checkpoint; the run ends at exactly STEPS with the uninterrupted run's losses."""
@@ -182,8 +194,8 @@ def test_worker_killed_mid_run_finishes_at_exact_step(ray_session, blocks, tiny_
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if os.path.exists(metrics_path) and any(json.loads(x)["step"] >= 5 for x in open(metrics_path)):
-                for p in psutil.process_iter(["cmdline"]):
-                    if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                for p in psutil.Process().children(recursive=True):  # only this test session's Ray
+                    if any("RayTrainWorker" in part for part in p.cmdline()):
                         p.kill()
                         killed.append(p.pid)
                         break
