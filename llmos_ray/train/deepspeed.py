@@ -39,8 +39,12 @@ def uses_client_optimizer(cfg: Config, device: str) -> bool:
     return device == "cpu" and not cfg.deepspeed.offload_optimizer
 
 
-def deepspeed_config(cfg: Config, world_size: int, device: str, precision: str) -> dict[str, Any]:
-    """DeepSpeed's JSON config for this run."""
+def deepspeed_config(cfg: Config, world_size: int, device: str, precision: str,
+                     hidden_size: int | None = None) -> dict[str, Any]:
+    """DeepSpeed's JSON config for this run. With the model's `hidden_size`, communication buckets
+    and ZeRO-3's persistence threshold are sized to the model (the rules transformers uses for
+    'auto': hidden², 0.9·hidden², 10·hidden) instead of fixed 5e7-element buckets, which on a
+    small model would outweigh the memory ZeRO saves. deepspeed.extra still wins over both."""
     t, ds = cfg.train, cfg.deepspeed
     accum = accumulation_steps(cfg, world_size)
     out: dict[str, Any] = {
@@ -54,12 +58,14 @@ def deepspeed_config(cfg: Config, world_size: int, device: str, precision: str) 
         "zero_optimization": {"stage": ds.zero_stage},
     }
     zero = out["zero_optimization"]
+    bucket = int(min(5e7, hidden_size**2)) if hidden_size else int(5e7)
     if ds.zero_stage >= 1:
-        zero.update({"reduce_bucket_size": 5e7, "contiguous_gradients": True, "overlap_comm": device != "cpu"})
+        zero.update({"reduce_bucket_size": bucket, "contiguous_gradients": True, "overlap_comm": device != "cpu"})
     if ds.zero_stage >= 2:
-        zero.update({"allgather_bucket_size": 5e7, "reduce_scatter": True})
+        zero.update({"allgather_bucket_size": bucket, "reduce_scatter": True})
     if ds.zero_stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
+        zero.update({"stage3_prefetch_bucket_size": int(0.9 * bucket),
+                     "stage3_param_persistence_threshold": 10 * hidden_size if hidden_size else int(1e5),
                      "stage3_gather_16bit_weights_on_model_save": True})
     if ds.offload_optimizer:
         if ds.zero_stage == 0:

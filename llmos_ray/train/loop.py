@@ -71,6 +71,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     "optimizer moments restart", restored["world_size"], world)
         model.load_state_dict(ckpt_io.consolidated_state_dict(start), strict=True)
 
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
+    ds_config = deepspeed_config(cfg, world, device.type, precision, hidden_size=hidden)
     optimizer = None
     if uses_client_optimizer(cfg, device.type):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, betas=tuple(cfg.train.betas),

@@ -91,3 +91,14 @@ def test_plan_numbers_by_hand():
     assert p["flops_per_step"] == p["flops_per_token"] * 64 * 4096
     text = plan(c)
     assert "6,738.4M parameters" in text and "<- configured" in text
+
+
+def test_buckets_sized_to_the_model_and_extra_still_wins():
+    c = cfg("deepspeed.zero_stage=3")
+    z = deepspeed_config(c, 2, "cuda", "bf16", hidden_size=256)["zero_optimization"]
+    assert z["reduce_bucket_size"] == 256**2 and z["allgather_bucket_size"] == 256**2
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * 256**2) and z["stage3_param_persistence_threshold"] == 2560
+    big = deepspeed_config(c, 2, "cuda", "bf16", hidden_size=8192)["zero_optimization"]
+    assert big["reduce_bucket_size"] == 5e7  # capped
+    c2 = cfg("deepspeed.zero_stage=3", "deepspeed.extra={zero_optimization: {reduce_bucket_size: 123}}")
+    assert deepspeed_config(c2, 2, "cuda", "bf16", hidden_size=256)["zero_optimization"]["reduce_bucket_size"] == 123
