@@ -2,8 +2,9 @@
 
 The default corpus is the Python standard library installed with the interpreter: ~700 `.py`
 files, ~12 MB of real text on every machine, read as one document per file. Test suites,
-`idle_test` and `site-packages` are left out. The list is sorted, so it is the same on every run
-on one machine (another Python version gives another corpus).
+`idle_test` and `site-packages` are left out. The files are ordered by a stable hash of their path,
+so the order is the same on every run on one machine (another Python version gives another corpus)
+and a short run sees every part of the library.
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ def stdlib_sources() -> list[Source]:
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
                 out.append(Source("file://" + path, "txt", os.path.getsize(path)))
-    out.sort(key=lambda s: s.uri)
+    out.sort(key=lambda s: corpus_order_key(s.uri, root))
     return out
+
+
+def corpus_order_key(uri: str, root: str) -> str:
+    """Files in the order of a stable hash of their path under the stdlib root: deterministic, and
+    mixed, so a short run does not train on one package (say, encodings' codec tables) at a time."""
+    import hashlib
+
+    return hashlib.sha1(uri.removeprefix("file://" + root).encode()).hexdigest()
 
 
 def sample_path(name: str = "tiny.jsonl") -> str:

@@ -171,10 +171,13 @@ def test_saved_hugging_face_datasets_are_one_source_each(tmp_path):
     assert list_sources(["someone/some-dataset"], "hf") == ["hf://datasets/someone/some-dataset"]
 
 
-def test_default_corpus_is_the_standard_library_sorted():
+def test_default_corpus_is_the_standard_library_in_a_stable_mixed_order():
+    from llmos_ray.data.default_corpus import corpus_order_key, stdlib_root
+
     corpus = resolve_corpus(DataConfig())
     uris = [s.uri for s in corpus.sources]
-    assert len(uris) > 300 and uris == sorted(uris)
+    assert len(uris) > 300 and uris == sorted(uris, key=lambda u: corpus_order_key(u, stdlib_root()))
+    assert uris != sorted(uris)  # mixed: not one package after another
     assert all(u.startswith("file://") and u.endswith(".py") for u in uris)
     assert not any(f"/{d}/" in u for u in uris for d in ("test", "tests", "idle_test", "site-packages"))
     assert corpus.txt_mode == "file" and {s.format for s in corpus.sources} == {"txt"}
