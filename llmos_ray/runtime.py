@@ -26,7 +26,9 @@ def init_ray(num_cpus: int | None = None) -> None:
             env[key] = os.environ[key]
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        # On a cluster (and inside `ray job submit`, which sets RAY_ADDRESS) the job's own runtime
+        # env applies: adding ours would conflict with it (see jobs/runtime_env.yaml).
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=None)
     log.info("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
