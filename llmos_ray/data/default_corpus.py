@@ -48,5 +48,6 @@ def sample_path(name: str = "tiny.jsonl") -> str:
     """Path of a sample corpus shipped in llmos_ray/data/samples/ (e.g. 'tiny.jsonl')."""
     path = os.path.join(SAMPLES_DIR, name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no sample {name!r} in {SAMPLES_DIR} (have: {', '.join(sorted(os.listdir(SAMPLES_DIR)))})")
+        have = ", ".join(sorted(os.listdir(SAMPLES_DIR)))
+        raise FileNotFoundError(f"no sample {name!r} in {SAMPLES_DIR} (have: {have})")
     return path

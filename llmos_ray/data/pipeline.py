@@ -42,7 +42,7 @@ from llmos_ray.errors import DataError, LlmosError
 
 log = logging.getLogger(__name__)
 
-READ_UNIT_BYTES = (1 << 20, 64 << 20)
+READ_UNIT_BYTES = (4 << 20, 64 << 20)
 """A read unit (one task) holds consecutive sources until their stored size reaches 1/64 of the
 corpus, kept within these bounds: small corpora still stream through several tasks."""
 READ_UNIT_FILES = 512

@@ -10,6 +10,7 @@ Writes, under run.output_dir (local path or fsspec URI):
 
 stats.json holds the ledger's counts (records, documents, train/val documents, bad_records,
 dropped_short, duplicates, bad_by_file with line numbers), token and block counts, and timing.
+`blocks` is what one consumer gets through `iter_blocks`: tokens // (seq_len + 1).
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def prepare(cfg) -> dict:
         "tokens": train["tokens"], "blocks": train["tokens"] // block_len, "rows": train["rows"],
         "val_tokens": val["tokens"] if val else 0, "val_blocks": val["tokens"] // block_len if val else 0,
         "val_rows": val["rows"] if val else 0,
+        # Validation stops at data.val_max_blocks rows: a separate val corpus is then counted only
+        # up to there, and a held-out share may have more documents than the rows written hold.
+        "val_capped": bool(val) and val["rows"] >= cfg.data.val_max_blocks,
         "seq_len": cfg.data.seq_len, "block_len": block_len, "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "tokenizer": cfg.data.tokenizer or tokenizer_dir(cfg),

@@ -44,19 +44,25 @@ def actor_name(run_name: str, split: str) -> str:
     return f"llmos-data-stats:{run_name}:{split}"
 
 
-_HANDLES: dict[str, object] = {}  # named actors are reference counted: this process keeps them alive
+_HANDLES: dict[tuple, object] = {}  # the creating (owning) handles: the actors live as long as they do
 
 
 def stats_actor(run_name: str, split: str):
-    """Get or create the named stats actor of a run's split (0 CPUs). The creating process holds a
-    handle, so the actor lives as long as it does (not detached: it ends with the job)."""
+    """Get or create the named stats actor of a run's split (0 CPUs, not detached).
+
+    A non-detached actor dies when its owner's handles are gone (handles from `get_actor` only
+    borrow it), so this process keeps the handle it created, per Ray session, for the job's life."""
     import ray
 
+    if not ray.is_initialized():
+        ray.init()  # what creating the actor would do implicitly
     name = actor_name(run_name, split)
-    remote = ray.remote(num_cpus=0, max_restarts=0)(StatsBoard)
-    # Resolved by name every time (a handle kept from an earlier Ray session would be stale).
-    _HANDLES[name] = remote.options(name=name, get_if_exists=True).remote()
-    return _HANDLES[name]
+    context = ray.get_runtime_context()
+    key = (context.gcs_address, context.namespace, context.get_job_id(), name)
+    if key not in _HANDLES:
+        remote = ray.remote(num_cpus=0, max_restarts=0)(StatsBoard)
+        _HANDLES[key] = remote.options(name=name, get_if_exists=True).remote()
+    return _HANDLES[key]
 
 
 def corpus_stats(cfg, split: str = "train") -> dict:

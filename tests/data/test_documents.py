@@ -27,7 +27,8 @@ def corpus_of(tmp_path, lines: list[bytes]) -> Corpus:
 
 def test_every_record_is_accounted_once(tmp_path):
     docs = sample_docs(30)
-    lines = jsonl(docs).splitlines() + [b'{"text": "tiny"}', b'{"text": "   "}', b"{broken", jsonl(docs[:2]).splitlines()[0]]
+    extra = [b'{"text": "tiny"}', b'{"text": "   "}', b"{broken", jsonl(docs[:2]).splitlines()[0]]
+    lines = jsonl(docs).splitlines() + extra
     corpus = corpus_of(tmp_path, lines)
     ledger = Ledger([s.uri for s in corpus.sources], "train", min_chars=16, dedup=True, val_fraction=0.2)
     kept = []
@@ -74,7 +75,7 @@ def test_batcher_cuts_whole_batches_and_flushes_the_rest():
 
 
 def test_read_units_group_small_files_in_order():
-    sources = [Source(f"file:///f{i}", "txt", size=300_000) for i in range(10)]
+    sources = [Source(f"file:///f{i}", "txt", size=1_500_000) for i in range(10)]
     units = read_units(sources)
     assert [i for u in units for i in u] == list(range(10))
-    assert [len(u) for u in units] == [4, 4, 2]  # 1 MB minimum per unit
+    assert [len(u) for u in units] == [3, 3, 3, 1]  # 4 MB minimum per unit

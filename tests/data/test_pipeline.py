@@ -197,3 +197,16 @@ def test_default_corpus_streams_the_standard_library(make_cfg, tiny_tokenizer):
 def test_no_validation_split_is_a_clear_error(make_cfg, tiny_tokenizer):
     with pytest.raises(DataError, match="no validation split"):
         packed_dataset(make_cfg(val_fraction=0.0), tiny_tokenizer, "val")
+
+
+def test_counts_outlive_the_dataset_and_later_pipelines_reuse_the_board(make_cfg, tiny_tokenizer, tmp_path):
+    import gc
+
+    cfg = make_cfg(paths=[write(tmp_path / "c.jsonl", jsonl(sample_docs(10)))])
+    ds = packed_dataset(cfg, tiny_tokenizer)
+    rows(ds)
+    del ds
+    gc.collect()
+    time.sleep(1)  # a board owned only by the dataset would be gone by now
+    assert corpus_stats(cfg)["documents"] == 10
+    assert len(rows(packed_dataset(cfg, tiny_tokenizer))) > 0 and corpus_stats(cfg)["documents"] == 10

@@ -99,7 +99,8 @@ def test_bad_records_are_counted_with_line_numbers(tmp_path):
         json.dumps(["not", "an", "object"]),                 # 6 not an object
         '{"text": "\\ud800 lone surrogate"}',               # 7 unpaired surrogate
     ]
-    data = ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n' + json.dumps({"text": "good two"}).encode()
+    data = ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n'   # 8 invalid UTF-8
+    data += json.dumps({"text": "good two"}).encode()
     uri = list_sources([write(tmp_path / "bad.jsonl", data)])[0]
     got = records(uri, "jsonl", max_bad_fraction=1.0)
     assert [(line, text) for line, text, _ in got if text is not None] == [(1, "good one"), (9, "good two")]
@@ -134,7 +135,8 @@ def test_too_many_bad_records_fail_naming_file_and_first_line(tmp_path):
 def test_parquet_nulls_are_bad_rows_and_schema_errors_are_clear(tmp_path):
     pq.write_table(pa.table({"text": ["a", None, "c"], "n": [1, 2, 3]}), tmp_path / "p.parquet", row_group_size=2)
     uri = list_sources([str(tmp_path / "p.parquet")])[0]
-    assert [(line, t) for line, t, _ in records(uri, "parquet", max_bad_fraction=1.0)] == [(1, "a"), (2, None), (3, "c")]
+    got = records(uri, "parquet", max_bad_fraction=1.0)
+    assert [(line, t) for line, t, _ in got] == [(1, "a"), (2, None), (3, "c")]
     with pytest.raises(DataError, match="no column 'body' \\(columns: text, n\\)"):
         records(uri, "parquet", text_field="body")
     with pytest.raises(DataError, match="column 'n' has type int64, not a string"):
@@ -157,8 +159,9 @@ def test_saved_hugging_face_datasets_are_one_source_each(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": DOCS[:3]}).save_to_disk(str(tmp_path / "corpus" / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS[3:]}),
-                          "test": datasets.Dataset.from_dict({"text": ["held out"]})}).save_to_disk(str(tmp_path / "dd"))
+    splits = {"train": datasets.Dataset.from_dict({"text": DOCS[3:]}),
+              "test": datasets.Dataset.from_dict({"text": ["held out"]})}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
     write(tmp_path / "corpus" / "extra.jsonl", jsonl(["extra"]))
     sources = expand_sources([str(tmp_path / "corpus"), str(tmp_path / "dd")])
     assert [(s.uri.rsplit("/", 1)[-1], s.format) for s in sources] == [("extra.jsonl", "jsonl"), ("saved", "hf"),
