@@ -52,17 +52,37 @@ def s3_bucket(s3_server, request):
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="session")
-def ray_session(s3_server):
-    """Ray for the session; started after the S3 server so workers inherit its endpoint."""
+def start_session_ray():
     import ray
 
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "AWS_ENDPOINT_URL",
                                           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
         ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """Ray for the session; started after the S3 server so workers inherit its endpoint."""
+    yield start_session_ray()
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture
+def only_ray_on_this_machine(s3_server):
+    """For a test that starts its own Ray (as a user's `llmos` command does): stop the session's
+    Ray meanwhile. With two local Ray clusters on one machine, Ray Train's placement-group cleaner
+    cannot tell which one to query and may tear down a healthy run's workers."""
+    import ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    yield
+    if was_running:
+        start_session_ray()
 
 
 def stdlib_texts(n: int = 40) -> list[str]:

@@ -45,7 +45,7 @@ def distill(cfg: Config) -> TrainResult:
     against a frozen teacher's logits (`distill.teacher`), with the teacher's tokenizer."""
     from llmos_ray import data
     from llmos_ray.runtime import init_ray
-    from llmos_ray.train.trainer import collect_blocks
+    from llmos_ray.train.trainer import corpus_datasets
 
     cfg = cfg.resolved("distill")
     if not cfg.distill.teacher:
@@ -53,12 +53,7 @@ def distill(cfg: Config) -> TrainResult:
     init_ray()
     tokenizer = data.load_tokenizer(cfg.distill.teacher)
     resume_from = resolve_resume(cfg, "distill")
-    train_ds = data.packed_dataset(cfg, tokenizer, "train")
-    val_blocks = None
-    if data.has_validation(cfg.data):
-        with data.data_errors():
-            val_blocks = collect_blocks(data.packed_dataset(cfg, tokenizer, "val"), cfg.data.seq_len + 1,
-                                        cfg.data.val_max_blocks)
+    train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
     return run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from, job="distill")
 
 

@@ -46,6 +46,16 @@ def pretrain(cfg: Config) -> TrainResult:
     init_ray()
     resume_from = resolve_resume(cfg, "pretrain")
     tokenizer = data.get_tokenizer(cfg)
+    train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
+    result = run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
+    report_data_counts(cfg)
+    return result
+
+
+def corpus_datasets(cfg: Config, tokenizer) -> tuple[Any, Optional[np.ndarray]]:
+    """The streaming training dataset of packed blocks and the (small, collected) validation blocks."""
+    from llmos_ray import data
+
     train_ds = data.packed_dataset(cfg, tokenizer, "train")
     val_blocks = None
     if data.has_validation(cfg.data):
@@ -53,9 +63,7 @@ def pretrain(cfg: Config) -> TrainResult:
             val_blocks = collect_blocks(data.packed_dataset(cfg, tokenizer, "val"), cfg.data.seq_len + 1,
                                         cfg.data.val_max_blocks)
         log.info("validation: %d blocks of %d tokens", len(val_blocks), cfg.data.seq_len + 1)
-    result = run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
-    report_data_counts(cfg)
-    return result
+    return train_ds, val_blocks
 
 
 def report_data_counts(cfg: Config) -> None:

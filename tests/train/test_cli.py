@@ -39,7 +39,7 @@ def stop_ray_started_under(ray_tmp: str) -> None:
 
 
 @pytest.fixture
-def ray_tmp():
+def ray_tmp(only_ray_on_this_machine):
     path = tempfile.mkdtemp(prefix="llk", dir="/tmp")  # short: Ray's socket paths have a length limit
     yield path
     stop_ray_started_under(path)
