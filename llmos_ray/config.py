@@ -576,14 +576,19 @@ def field_docs(cls=Config) -> dict[str, str]:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML (any fsspec URI), atomically for local paths."""
-    import fsspec
+    write_text(path, cfg.to_yaml())
 
-    text = cfg.to_yaml()
-    if "://" in path and not path.startswith("file://"):
-        with fsspec.open(path, "w") as f:
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small text file (config, report) at a local path — atomically, so a reader never sees
+    half of it — or at any fsspec URI."""
+    if "://" in uri and not uri.startswith("file://"):
+        import fsspec
+
+        with fsspec.open(uri, "w") as f:
             f.write(text)
         return
-    path = path.removeprefix("file://")
+    path = uri.removeprefix("file://")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

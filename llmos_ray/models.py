@@ -103,6 +103,21 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, **kwargs
             f"hub ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
 
 
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """Every token that ends generation: the model's generation config and config eos ids (an int or
+    a list, e.g. a chat model's turn end) and the tokenizer's eos token."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes and FLOPs
 

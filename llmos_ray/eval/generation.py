@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from llmos_ray.eval.metrics import context_length
+from llmos_ray.models import eos_token_ids
 
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,
@@ -22,7 +23,9 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
+    if not eos:
+        raise ValueError("neither the model nor the tokenizer names an eos token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     room = context_length(model) - max_new_tokens
     if room < 1:
@@ -68,18 +71,3 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to (not including) the earliest occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
     return text[:cut]
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("neither the model nor the tokenizer names an eos token")
-    return ids

@@ -46,7 +46,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from llmos_ray.config import Config
+from llmos_ray.config import Config, write_text
 from llmos_ray.errors import ConfigError, DataError, ModelError
 from llmos_ray.eval.metrics import bleu, rouge, summarize_nll
 
@@ -99,12 +99,12 @@ def evaluate(cfg: Config) -> dict:
         result["seconds"] = round(time.perf_counter() - t0, 3)
         if examples:
             result["generations"] = f"{out_dir}/generations/{_file_name(model['label'])}.jsonl"
-            _write_text(result["generations"], _generations_jsonl(rows, examples))
+            write_text(result["generations"], _generations_jsonl(rows, examples))
         report["models"][model["label"]] = result
         log.info("%s: %s", model["label"], flat_results(result))
     report["seconds"] = round(time.perf_counter() - started, 3)
     report = _json_ready(report)
-    _write_text(report["report_path"], json.dumps(report, indent=2) + "\n")
+    write_text(report["report_path"], json.dumps(report, indent=2) + "\n")
     if ev.attach_results:
         attach_to_registry(report, cfg)
     log.info("evaluation report: %s", report["report_path"])
@@ -144,7 +144,7 @@ def default_task_file(model_dir: str, out_dir: str) -> str:
     for record in stdlib_instructions("val"):
         prompt = tokenizer.apply_chat_template(record["messages"][:1], tokenize=False, add_generation_prompt=True)
         lines.append(json.dumps({"prompt": prompt, "reference": record["messages"][1]["content"]}))
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -551,22 +551,6 @@ def _json_ready(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_text(uri: str, text: str) -> None:
-    """Write a file at a local path (atomically) or fsspec URI."""
-    if "://" in uri and not uri.startswith("file://"):
-        import fsspec
-
-        with fsspec.open(uri, "w") as f:
-            f.write(text)
-        return
-    path = uri.removeprefix("file://")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _versions() -> dict[str, Optional[str]]:

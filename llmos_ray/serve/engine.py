@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from llmos_ray.errors import ModelError
+from llmos_ray.models import eos_token_ids
 from llmos_ray.serve.schemas import APIError, bad_request
 from llmos_ray.serve.spec import ModelSpec
 
@@ -114,7 +115,7 @@ class Engine:
         self.max_batch_size, self.max_tokens_limit = max_batch_size, max_tokens_limit
         self.context_length = _context_length(model.config, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         vocab = tokenizer.get_vocab()
         self.turn_end_ids = frozenset(vocab[t] for t in TURN_END_TOKENS if t in vocab) | self.eos_ids
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
@@ -516,19 +517,6 @@ def _context_length(config, tokenizer) -> int:
             return value
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 2048
-
-
-def _eos_ids(model, tokenizer) -> frozenset[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
 
 
 # ---------------------------------------------------------------------------------------------
