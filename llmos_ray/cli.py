@@ -130,6 +130,20 @@ def cmd_evaluate(args) -> None:
     print(f"report: {report['report_path']}")
 
 
+def cmd_cluster(args) -> None:
+    from llmos_ray import cluster
+
+    if args.action == "up":
+        print(cluster.describe(cluster.up(num_cpus=args.num_cpus, temp_dir=args.temp_dir,
+                                          dashboard_port=args.dashboard_port, port=args.port,
+                                          metrics_port=args.metrics_port)))
+    elif args.action == "down":
+        print(f"stopped {cluster.down(temp_dir=args.temp_dir)} Ray processes")
+    else:
+        running = cluster.status(args.temp_dir)
+        print(cluster.describe(running) if running else "no local llmos cluster is running")
+
+
 def cmd_models(args) -> None:
     import json
 
@@ -222,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", action="append", default=[], metavar="DIR_OR_NAME",
                    help="model directory, fsspec URI or registry name (repeatable; default eval.model)")
     p.set_defaults(func=cmd_evaluate)
+
+    clus = sub.add_parser("cluster", help="a local Ray head for `ray job submit` and the dashboard") \
+        .add_subparsers(dest="action", required=True)
+    for action, text in (("up", "ray start --head on 127.0.0.1 (dashboard, metrics, token auth)"),
+                         ("down", "stop the local cluster's processes (no other Ray)"),
+                         ("status", "print the running local cluster's addresses")):
+        c = clus.add_parser(action, help=text)
+        c.add_argument("--temp-dir", help="the cluster's Ray temp dir, which identifies it (default /tmp/llmos-ray)")
+        if action == "up":
+            c.add_argument("--num-cpus", type=int, help="logical CPUs (default 2 per core, at least 4)")
+            c.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / job API port (default 8265)")
+            c.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
+            c.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (default 8080)")
+        c.set_defaults(func=cmd_cluster)
 
     models = sub.add_parser("models", help="the model library: named models").add_subparsers(dest="action",
                                                                                                required=True)

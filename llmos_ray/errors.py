@@ -19,3 +19,7 @@ class ModelError(LlmosError):
 
 class CheckpointError(LlmosError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class ClusterError(LlmosError):
+    """A local cluster could not be started or found, or a submitted job did not succeed."""

@@ -8,11 +8,13 @@ Layout of one checkpoint (a `checkpoint_<step>` folder in the run's storage, loc
     tokenizer/              the tokenizer the run trained with
     ds/                     DeepSpeed's sharded model + optimizer + scheduler states (every rank's files)
     rng/rank<r>.pt          each rank's RNG states
+    manifest/rank<r>.json   each rank's files and their sizes
 
 Every rank writes its own files into a local temp dir and reports it; Ray Train merges all ranks'
 folders into one checkpoint and registers it only when every rank's upload finished, so a crash
-mid-save leaves no checkpoint that resume would pick. `llmos_state.json` is written last by rank 0
-and names the world size, so `validate` can tell a complete checkpoint from a damaged one.
+mid-save leaves no checkpoint that resume would pick. `llmos_state.json` names the world size and
+each rank lists what it wrote, so `validate` tells a complete checkpoint from one damaged later
+(a file deleted or truncated in storage), and a resume falls back to the newest complete one.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ from llmos_ray.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "llmos_state.json"
+MANIFEST_DIR = "manifest"
 DS_DIR = "ds"
 DS_TAG = "state"
 
 
-def save_and_report(engine, cfg: Config, tokenizer, model_config, state: dict, metrics: dict, rank: int) -> None:
-    """Collective: every rank saves its DeepSpeed shards and RNG, then reports the folder to Ray."""
+def save_and_report(engine, cfg: Config, tokenizer, model_config, state: dict, metrics: dict, rank: int,
+                    dir_name: Optional[str] = None) -> None:
+    """Collective: every rank saves its DeepSpeed shards and RNG, then reports the folder to Ray
+    (as `dir_name`, default `checkpoint_<step>`; every rank must pass the same name)."""
     import ray.train
     import torch
 
@@ -59,10 +64,26 @@ def save_and_report(engine, cfg: Config, tokenizer, model_config, state: dict, m
             tokenizer.save_pretrained(os.path.join(local, "tokenizer"))
             with open(os.path.join(local, STATE_FILE), "w") as f:
                 json.dump(state, f)
+        _write_manifest(local, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+                         checkpoint_dir_name=dir_name or checkpoint_name(state["step"]))
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def _write_manifest(local: str, rank: int) -> None:
+    files = {}
+    for root, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, local).replace(os.sep, "/")] = os.path.getsize(path)
+    os.makedirs(os.path.join(local, MANIFEST_DIR), exist_ok=True)
+    with open(os.path.join(local, MANIFEST_DIR, f"rank{rank}.json"), "w") as f:
+        json.dump(files, f, sort_keys=True)
 
 
 def _as_checkpoint(ckpt):
@@ -103,25 +124,64 @@ def read_rng(ckpt, rank: int) -> Optional[dict]:
 
 
 def validate(ckpt) -> dict[str, Any]:
-    """Check that every rank's DeepSpeed files are present; return the state or raise CheckpointError."""
-    ckpt = _as_checkpoint(ckpt)
-    state = read_state(ckpt)
+    """Check that every rank's files are present with the sizes it wrote; return the state or raise
+    CheckpointError naming what is missing or damaged."""
     from pyarrow import fs as pafs
 
-    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(f"{ckpt.path.rstrip('/')}/{DS_DIR}/{DS_TAG}",
-                                                            allow_not_found=True))
-    names = {os.path.basename(i.path) for i in infos}
-    world, stage = state["world_size"], state["zero_stage"]
-    if stage == 0:
-        expected = {"mp_rank_00_model_states.pt"}
-    elif stage == 3:
-        expected = {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(world) for kind in ("model", "optim")}
-    else:
-        expected = {"mp_rank_00_model_states.pt"} | {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)}
-    missing = sorted(expected - names)
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt.path!r} is incomplete: missing {', '.join(missing)}")
+    ckpt = _as_checkpoint(ckpt)
+    state = read_state(ckpt)
+    root = ckpt.path.rstrip("/")
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    sizes = {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    problems = []
+    for rank in range(state["world_size"]):
+        name = f"{MANIFEST_DIR}/rank{rank}.json"
+        if name not in sizes:
+            problems.append(f"{name} (rank {rank} never finished writing)")
+            continue
+        for relpath, size in json.loads(_read_bytes(ckpt, name)).items():
+            if relpath not in sizes:
+                problems.append(f"{relpath} (missing)")
+            elif sizes[relpath] != size:
+                problems.append(f"{relpath} ({sizes[relpath]} bytes, written as {size})")
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt.path!r} is damaged: " + "; ".join(problems[:5])
+                              + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
     return state
+
+
+def usable_checkpoint(ckpt) -> tuple[Any, dict[str, Any], list[str]]:
+    """`ckpt` and its state if it is complete; else the newest complete checkpoint before it in the
+    same run's storage, with a warning. Also returns the folder names of the damaged checkpoints
+    skipped, so a resumed run does not write into them. Every rank reaches the same answer."""
+    from pyarrow import fs as pafs
+
+    import ray.train
+
+    ckpt = _as_checkpoint(ckpt)
+    try:
+        return ckpt, validate(ckpt), []
+    except CheckpointError as first:
+        error = first
+    parent, name = ckpt.path.rstrip("/").rsplit("/", 1)
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    older = sorted((os.path.basename(i.path) for i in infos
+                    if i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_")
+                    and os.path.basename(i.path) < name), reverse=True)
+    skipped = [name]
+    for candidate_name in older:
+        candidate = ray.train.Checkpoint(f"{parent}/{candidate_name}", filesystem=ckpt.filesystem)
+        try:
+            state = validate(candidate)
+        except CheckpointError as e:
+            log.warning("skipping %s too: %s", candidate_name, e)
+            skipped.append(candidate_name)
+            continue
+        log.warning("%s; resuming from %s, the newest complete checkpoint before it", error, candidate_name)
+        return candidate, state, skipped
+    raise CheckpointError(f"{error}; and no complete checkpoint precedes it in {parent}. Start over with "
+                          f"run.resume=never and another run.name, or resume from a copy you trust "
+                          f"(run.resume=<checkpoint URI>)")
 
 
 def load_engine(engine, ckpt, state: dict) -> None:

@@ -52,7 +52,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # Where to start: a checkpoint Ray restored after a failure wins over the one the driver chose.
     start = ray.train.get_checkpoint() or loop_config.get("resume_from")
-    restored = ckpt_io.read_state(start) if start is not None else None
+    restored, damaged = None, []
+    if start is not None:  # a damaged checkpoint (file lost or truncated in storage): the newest complete one before it
+        start, restored, damaged = ckpt_io.usable_checkpoint(start)
     reshard = restored is not None and restored["world_size"] != world
 
     deepspeed.init_distributed(auto_mpi_discovery=False)  # adopts the process group Ray Train created
@@ -156,7 +158,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 state = {"step": step, "tokens_seen": tokens_seen, "data": dict(reader.position),
                          "world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": precision,
                          "job": job, "lora": job == "finetune" and cfg.finetune.lora}
-                ckpt_io.save_and_report(engine, cfg, tokenizer, model.config, state, metrics, rank)
+                name = ckpt_io.checkpoint_name(step)
+                ckpt_io.save_and_report(engine, cfg, tokenizer, model.config, state, metrics, rank,
+                                        dir_name=name + "_redo" if name in damaged else name)
                 window["t0"] = time.perf_counter()
             else:
                 ray.train.report(metrics)
