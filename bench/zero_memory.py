@@ -1,32 +1,40 @@
 """Benchmark: per-rank bytes of parameters + gradients + optimizer states, ZeRO-0 against ZeRO-3.
 
 Both are measured inside the real thing: `run_training` on 2 Ray Train workers, our DeepSpeed config,
-fp32 on CPU, the same preset model and blocks of stdlib source. A wrapper around `deepspeed.initialize`
-(in each worker) hooks the engine's second `step()`: after that step's backward, before the
-optimizer runs, the gradients of this step and the Adam moments of the first are both live. There
-each rank counts the bytes of the tensor storages it holds (each storage once, even when many
-tensors view it):
+the same preset model and blocks of stdlib source, in two precisions (`train.precision`):
+
+    bf16   mixed precision, the case the theory (and `llmos plan`) describes: bf16 weights and
+           gradients, fp32 master weights + Adam moments in the optimizer, 16 bytes per parameter:
+           ZeRO-0 2Ψ + 2Ψ + 12Ψ = 16Ψ per rank, ZeRO-3 16Ψ/N, ratio N = 2.0. The headline figure
+           (`ratio=`) and the one the goal (>= 1.8) applies to. DeepSpeed's CPU accelerator runs bf16.
+    fp32   what `train.precision=auto` picks on CPU: 4Ψ weights + 4Ψ gradients + 8Ψ moments = 16Ψ
+           per rank under ZeRO-0, 16Ψ/N under ZeRO-3, but DeepSpeed 0.19's ZeRO-3 keeps a redundant
+           fp32 "master" copy of its partition (+4Ψ/N): its "weights already fp32 on this device,
+           reuse them" test in stage3.py `_create_fp32_partitions` compares `tensor.device` with
+           the string 'cpu' (`torch.device('cpu') == 'cpu'` is False), so it always copies. Printed
+           too, with the ratio that copy costs.
+
+A wrapper around `deepspeed.initialize` (in each worker) hooks the engine's second `step()`: after
+that step's backward, before the optimizer runs, the gradients of this step and the Adam moments of
+the first are both live. There each rank counts the bytes of the tensor storages it holds (each
+storage once, even when many tensors view it):
 
     params     the model's parameter tensors: p.data where not empty (ZeRO-0: every weight; ZeRO-3: the
                parameters kept whole by stage3_param_persistence_threshold) and p.ds_tensor, the
                ZeRO-3 partition
-    master     the tensors the torch AdamW updates (ZeRO: DeepSpeed's flat fp32 partitions), when they are
-               not the parameters already counted. fp32 training needs no separate master copy, but
-               DeepSpeed 0.19's ZeRO-3 keeps one (its "already fp32 on this device" test compares
-               tensor.device with the string 'cpu', which is never equal); the run also prints the
-               ratio without it
+    master     the tensors the torch AdamW updates (DeepSpeed's flat fp32 copies or partitions), when
+               they are not the parameters already counted
     grads      p.grad, the master tensors' .grad, and DeepSpeed's gradient buffers (ZeRO-3's
                grad_partitions_flat_buffer, ZeRO-1/2's averaged_gradients)
     optimizer  AdamW's state tensors (exp_avg, exp_avg_sq, step)
 
-ZeRO-0 is the baseline (every rank holds everything, as DDP); ZeRO-3 is ours. Theory for fp32 Adam
-on N ranks, Ψ parameters: ZeRO-0 holds 4Ψ params + 4Ψ grads + 8Ψ moments = 16Ψ bytes per rank,
-ZeRO-3 16Ψ/N, so the ratio is N (2.0 here). It also counts every live tensor in the worker (through
-the garbage collector) and names the engine's largest other tensors, to show what else it keeps
-(communication buckets), and checks that both runs started from the same weights (equal step-1
-loss). Prints both, the theory, and `ratio=<zero0/zero3>` (largest rank of each) last (goal >= 1.8).
+ZeRO-0 is the baseline (every rank holds everything, as DDP); ZeRO-3 is ours. It also counts every
+live tensor in the worker (through the garbage collector) and names the engine's largest other
+tensors, to show what else it keeps (communication buckets), and checks that both runs of a
+precision started from the same weights (equal step-1 loss). Prints the tables, the theory, both
+ratios, the machine and date, and `ratio=<zero0/zero3>` of bf16 (largest rank of each) last.
 
-    .venv/bin/python bench/zero_memory.py [--size small] [--family gpt2]
+    .venv/bin/python bench/zero_memory.py [--size small] [--family gpt2] [--precision bf16 fp32]
 """
 
 from __future__ import annotations
@@ -154,68 +162,50 @@ def measuring_train_loop(loop_config: dict) -> None:
     ray.train.report({"step": STEPS, "per_rank": per_rank})
 
 
-def measure(stage: int, args, tok, blocks, out: str) -> list[dict]:
+def measure(stage: int, precision: str, args, tok, blocks, out: str) -> list[dict]:
     from llmos_ray.train.trainer import run_training
 
-    cfg = run_config(os.path.join(out, f"zero{stage}"), {
+    cfg = run_config(os.path.join(out, f"zero{stage}-{precision}"), {
         "model.family": args.family, "model.size": args.size, "data.seq_len": args.seq_len,
         "data.vocab_size": args.vocab_size, "train.num_workers": WORKERS, "train.micro_batch_size": MICRO,
         "train.max_steps": STEPS, "train.log_every": 1, "train.checkpoint_every": STEPS,
-        "deepspeed.zero_stage": stage})
+        "deepspeed.zero_stage": stage, "train.precision": precision})
     history = run_training(cfg, tok, {"train": blocks}, None, None, train_fn=measuring_train_loop).history
     per_rank = next((h["per_rank"] for h in history if "per_rank" in h), None)
     if per_rank is None:
-        raise SystemExit(f"ZeRO-{stage}: the workers reported no measurement: {history}")
+        raise SystemExit(f"ZeRO-{stage} {precision}: the workers reported no measurement: {history}")
     if any(not r for r in per_rank):
-        raise SystemExit(f"ZeRO-{stage}: a rank did not reach its second step: {per_rank}")
+        raise SystemExit(f"ZeRO-{stage} {precision}: a rank did not reach its second step: {per_rank}")
     first_loss = next(h["loss"] for h in history if h.get("step") == 1 and "loss" in h)
     return [{**r, "step1_loss": first_loss} for r in per_rank]
 
 
-def theory(n_params: int, stage: int, world: int) -> dict:
-    """fp32 Adam: 4 bytes of weights, 4 of gradient, 8 of moments per parameter, split by ZeRO."""
-    p, g, o = 4.0 * n_params, 4.0 * n_params, 8.0 * n_params
+def theory(n_params: int, stage: int, world: int, precision: str) -> dict:
+    """Adam bytes per parameter, split by ZeRO: fp32 4 weights + 4 gradient + 8 moments; bf16 2 weights
+    + 2 gradient + 4 fp32 master + 8 moments (master and moments partitioned with the optimizer)."""
+    low = 2.0 if precision == "bf16" else 4.0
+    p, g = low * n_params, low * n_params
+    m, o = (4.0 * n_params if precision == "bf16" else 0.0), 8.0 * n_params
     if stage >= 1:
-        o /= world
+        m, o = m / world, o / world
     if stage >= 2:
         g /= world
     if stage >= 3:
         p /= world
-    return {"params": p, "master": 0.0, "grads": g, "optimizer": o, "total": p + g + o}
+    return {"params": p, "master": m, "grads": g, "optimizer": o, "total": p + m + g + o}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="gpt2")
-    parser.add_argument("--size", default="small", help="model preset (default small)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to Ray (default 4)")
-    args = parser.parse_args()
-    import ray
-
-    from llmos_ray.models import zero_memory_per_device
-
-    tok, blocks = tokenizer_and_blocks(STEPS * MICRO * WORKERS, args.seq_len, args.vocab_size)
-    out = tempfile.mkdtemp(prefix="llmos-bench-zero-")
-    start_ray(args.num_cpus)
-    try:
-        runs = {stage: measure(stage, args, tok, blocks, out) for stage in (0, 3)}
-    finally:
-        ray.shutdown()
-        shutil.rmtree(out, ignore_errors=True)  # the run's checkpoints and metrics
-
-    n = runs[0][0]["n_params"]
-    mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
-    print(f"\nmodel: {args.family} {args.size} preset, Ψ = {n:,} parameters, vocab {len(tok)}; fp32 Adam (torch "
-          f"AdamW), {WORKERS} ranks, CPU; measured before the 2nd optimizer step")
+def report(precision: str, runs: dict, n: int, mib) -> float:
+    """Print one precision's table and checks; return its ratio (largest rank of each stage)."""
+    print(f"\n{precision}: {'bf16 weights and gradients, fp32 master + ' if precision == 'bf16' else 'fp32 '}"
+          f"Adam (torch AdamW), {WORKERS} ranks, CPU; measured before the 2nd optimizer step")
     print(f"{'':22}{'params':>10}{'master':>10}{'grads':>10}{'optim':>10}{'total':>10}   MiB per rank"
           f"{'all tensors':>14}")
     for stage, ranks in runs.items():
         for rank, r in enumerate(ranks):
             print(f"ZeRO-{stage} rank {rank} measured  " + "".join(f"{mib(r[c]):>10}" for c in (*CATEGORIES, "total"))
                   + f"{'':15}{mib(r['all_live_tensors']):>10}")
-        t = theory(n, stage, WORKERS)
+        t = theory(n, stage, WORKERS, precision)
         print(f"ZeRO-{stage}        theory  " + "".join(f"{mib(t[c]):>10}" for c in (*CATEGORIES, "total")))
     for stage, ranks in runs.items():
         for path, nbytes in ranks[0]["largest_others"]:
@@ -229,18 +219,53 @@ def main() -> int:
           f"({'same model' if same else 'DIFFERENT: the two engines did not start from the same weights'})")
     zero0 = max(r["total"] for r in runs[0])
     zero3 = max(r["total"] for r in runs[3])
+    t0, t3 = theory(n, 0, WORKERS, precision)["total"], theory(n, 3, WORKERS, precision)["total"]
+    print(f"theory ({precision}, {WORKERS} ranks): ZeRO-0 16Ψ = {t0 / 2**20:.2f} MiB, ZeRO-3 16Ψ/{WORKERS} = "
+          f"{t3 / 2**20:.2f} MiB, ratio {t0 / t3:.2f}")
+    print(f"measured ({precision}, largest rank): ZeRO-0 {zero0 / 2**20:.2f} MiB, ZeRO-3 {zero3 / 2**20:.2f} MiB, "
+          f"ratio {zero0 / zero3:.2f}")
+    extra = max(r["master"] for r in runs[3]) - theory(n, 3, WORKERS, precision)["master"]
+    if extra > 0.01 * zero3:
+        print(f"ZeRO-3 {precision} keeps a separate fp32 master copy of its partition ({extra / 2**20:.2f} MiB) "
+              f"although the model is fp32 (DeepSpeed's device-vs-string test); without it the ratio would be "
+              f"{zero0 / (zero3 - extra):.2f}")
+    return zero0 / zero3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="gpt2")
+    parser.add_argument("--size", default="small", help="model preset (default small)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
+                        help="precisions to measure (default both); ratio= is the first one's")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to Ray (default 4)")
+    args = parser.parse_args()
+    import ray
+
+    from llmos_ray.models import zero_memory_per_device
+
+    tok, blocks = tokenizer_and_blocks(STEPS * MICRO * WORKERS, args.seq_len, args.vocab_size)
+    out = tempfile.mkdtemp(prefix="llmos-bench-zero-")
+    start_ray(args.num_cpus)
+    try:
+        runs = {precision: {stage: measure(stage, precision, args, tok, blocks, out) for stage in (0, 3)}
+                for precision in args.precision}
+    finally:
+        ray.shutdown()
+        shutil.rmtree(out, ignore_errors=True)  # the run's checkpoints and metrics
+
+    first = args.precision[0]
+    n = runs[first][0][0]["n_params"]
+    mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
+    print(f"\nmodel: {args.family} {args.size} preset, Ψ = {n:,} parameters, vocab {len(tok)}")
+    ratios = {precision: report(precision, r, n, mib) for precision, r in runs.items()}
     planned = zero_memory_per_device(n, 0, WORKERS)["total"] / zero_memory_per_device(n, 3, WORKERS)["total"]
-    print(f"theory (fp32 Adam, {WORKERS} ranks): ZeRO-0 16Ψ = {theory(n, 0, WORKERS)['total'] / 2**20:.2f} MiB, "
-          f"ZeRO-3 16Ψ/{WORKERS} = {theory(n, 3, WORKERS)['total'] / 2**20:.2f} MiB, ratio "
-          f"{theory(n, 0, WORKERS)['total'] / theory(n, 3, WORKERS)['total']:.2f}; llmos plan "
-          f"(models.zero_memory_per_device, mixed precision) predicts {planned:.2f}")
-    print(f"measured (largest rank): ZeRO-0 {zero0 / 2**20:.2f} MiB, ZeRO-3 {zero3 / 2**20:.2f} MiB")
-    master = max(r["master"] for r in runs[3])
-    if master:
-        print(f"ZeRO-3 keeps a separate fp32 master copy of its partition ({master / 2**20:.2f} MiB) although the "
-              f"model is fp32; without it the ratio would be {zero0 / (zero3 - master):.2f}")
+    print(f"\nllmos plan (models.zero_memory_per_device, mixed precision) predicts {planned:.2f}; measured "
+          + ", ".join(f"{p} {r:.2f}" for p, r in ratios.items()) + f"; ratio= below is {first}'s (goal >= 1.8)")
     print(machine())
-    print(f"ratio={zero0 / zero3:.2f}")
+    print(f"ratio={ratios[first]:.2f}")
     return 0
 
 
