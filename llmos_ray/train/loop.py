@@ -276,13 +276,32 @@ class ShardReader:
 
     Workers end an epoch together: before each micro-batch they agree (one all-reduce of a flag)
     that all of them still have one, so no worker waits in a collective while another starts the
-    next epoch (Ray's streaming split starts epochs in lockstep)."""
+    next epoch (Ray's streaming split starts epochs in lockstep).
+
+    Exact resume. Skipping "my first k micro-batches" is right only if this rank receives the same
+    rows, in the same order, every time the stream is split: after Ray restarts the worker group
+    (Ray Train splits the dataset anew for the new group) or a re-run driver builds it again. In
+    Ray 2.60 that holds under these conditions, which our trainer meets:
+      - the stream itself is deterministic: llmos_ray.data's pipeline, executed with
+        preserve_order=True (Ray Train applies its DataConfig's execution options, so the trainer
+        passes `ingest_options()`); every epoch replays the same stream;
+      - the split is Ray Train's `streaming_split(n, equal=True)`: its OutputSplitter deals each
+        incoming bundle, in arrival order, to the split with the fewest rows so far (ties: lowest
+        index), holds bundles back only by row counts (equal=True), and splits the remainder by
+        rows at the end — a function of the bundles' row counts, not of timing. Locality hints
+        would make it depend on where blocks live; the OutputSplitter ignores them when
+        preserve_order is set (and the trainer also disables them: enable_shard_locality=False);
+      - the same number of workers. A resume on a different worker count (checkpoint.
+        rescale_position) keeps the number of blocks consumed, not the exact rows.
+    The reader refuses a shard whose execution does not preserve order.
+    tests/train/test_pretrain.py::test_streamed_corpus_resumes_with_the_same_batches checks it."""
 
     def __init__(self, shard, block_len: int, micro_batch: int, position: Optional[dict] = None):
         self.shard, self.block_len, self.micro_batch = shard, block_len, micro_batch
         self.position = dict(position or {"epoch": 0, "micro_batches": 0})
         self.dropped_blocks = 0
         self._it: Optional[Iterator[np.ndarray]] = None
+        _require_ordered(shard)
 
     def _open_epoch(self) -> None:
         from llmos_ray.data import iter_blocks
@@ -320,6 +339,17 @@ class ShardReader:
             self.position = {"epoch": self.position["epoch"] + 1, "micro_batches": 0}
         raise RuntimeError("the training data has fewer blocks than one micro-batch per worker: "
                            "add data, lower train.micro_batch_size or data.seq_len")
+
+
+def _require_ordered(shard) -> None:
+    """Refuse a Ray Data shard whose stream may reach this worker in a different order on each run."""
+    from llmos_ray.errors import DataError
+
+    get_context = getattr(shard, "get_context", None)
+    if get_context is not None and not get_context().execution_options.preserve_order:
+        raise DataError("the training dataset is read without preserve_order, so a resumed run would not see "
+                        "the same batches: pass ray.train.DataConfig(execution_options=llmos_ray.data."
+                        "ingest_options()) to the trainer")
 
 
 class ArrayReader:

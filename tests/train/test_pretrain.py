@@ -248,3 +248,104 @@ def test_zero3_checkpoints_on_s3_and_resume_from_there(ray_session, blocks, tiny
     got, want = losses(resumed.history), losses(result3.history)
     assert sorted(got) == list(range(5, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=LOSS_ATOL)
+
+
+def traced_train_loop(trace_dir: str, fail_before_step: int = 0):
+    """Our train loop, unchanged, recording on every rank which micro-batch it trained at which
+    position (a SHA-1 of the token ids) in <trace_dir>/rank<r>.jsonl. With `fail_before_step`,
+    every rank raises after fetching that step's batch (one micro-batch per step), once per run.
+    Defined in the test so Ray pickles it by value."""
+
+    def loop(loop_config):
+        import hashlib
+
+        import ray.train
+
+        from llmos_ray.train import loop as train
+
+        rank = ray.train.get_context().get_world_rank()
+        marker = os.path.join(trace_dir, f"failed{rank}")
+        attempt = 1 if os.path.exists(marker) else 0
+        real = train.ShardReader.next_agreed
+        calls = []
+
+        def next_agreed(reader, dist):
+            batch = real(reader, dist)
+            calls.append(1)
+            pos = dict(reader.position)
+            with open(os.path.join(trace_dir, f"rank{rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"attempt": attempt, **pos, "sha": hashlib.sha1(batch.tobytes()).hexdigest()})
+                        + "\n")
+            if fail_before_step and attempt == 0 and len(calls) == fail_before_step:
+                open(marker, "w").close()
+                raise RuntimeError(f"injected failure on rank {rank} before step {fail_before_step}")
+            return batch
+
+        train.ShardReader.next_agreed = next_agreed
+        try:
+            train.train_loop(loop_config)
+        finally:
+            train.ShardReader.next_agreed = real
+
+    return loop
+
+
+def read_trace(trace_dir: str, rank: int) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(trace_dir, f"rank{rank}.jsonl"))]
+
+
+def test_streamed_corpus_resumes_with_the_same_batches(ray_session, tiny_tokenizer_dir, tiny_model_dir, tmp_path):
+    """The Ray Data stream (Ray Train's streaming_split of the packed corpus, 2 workers): both ranks
+    fail after fetching the last step's batch, past a checkpoint in the second epoch; Ray restarts
+    the group, which splits the stream anew. The first attempt read the data of an uninterrupted
+    run up to the end (its order does not depend on training); the resumed attempt must train,
+    step for step and rank for rank, exactly those micro-batches (SHA-1 of the token ids)."""
+    from tests.conftest import stdlib_texts
+
+    from llmos_ray import data
+    from llmos_ray.data.tokenizer import load_tokenizer
+
+    # Documents of different lengths, two per packing task: blocks of rows of different sizes (and
+    # tails) for the split to deal out; about 4 micro-batches per rank per epoch.
+    text = "".join(stdlib_texts(3))
+    docs, at = [], 0
+    for n in np.random.default_rng(0).integers(150, 700, size=12):
+        docs.append(text[at:at + n])
+        at += n
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    steps, ckpt = 8, 5
+    cfg = make_config(tmp_path, "streamed", tiny_model_dir, f"data.paths=[{corpus}]", f"data.tokenizer={tiny_tokenizer_dir}",
+                      "data.val_fraction=0", "data.batch_docs=2", f"train.max_steps={steps}",
+                      f"train.checkpoint_every={ckpt}", "train.log_every=100", "train.export=false",
+                      "train.max_failures=1")
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    result = run_training(cfg, tok, {"train": data.packed_dataset(cfg, tok, "train")}, None, None,
+                          train_fn=traced_train_loop(str(trace), fail_before_step=steps))
+
+    assert [h["step"] for h in result.history if "loss" in h][-1] == steps
+    for rank in range(WORKERS):
+        records = read_trace(str(trace), rank)
+        straight, resumed = ([r for r in records if r["attempt"] == a] for a in (0, 1))
+        assert len(straight) == steps and len(resumed) == steps - ckpt  # resumed after the checkpoint
+        assert straight[ckpt - 1]["epoch"] == 1, "the checkpoint should fall in the second epoch"
+        assert resumed == [{**r, "attempt": 1} for r in straight[ckpt:]]  # same batches, same positions
+    # Each rank reads its own share: no micro-batch was trained by both.
+    assert not {r["sha"] for r in read_trace(str(trace), 0)} & {r["sha"] for r in read_trace(str(trace), 1)}
+
+
+def test_shard_reader_refuses_a_stream_without_preserve_order(ray_session):
+    """Exact resume needs the same rows on every run: a shard read without preserve_order is refused."""
+    import ray
+
+    from llmos_ray.errors import DataError
+    from llmos_ray.train.loop import ShardReader
+
+    ds = ray.data.from_items([{"input_ids": list(range(9))}])
+    ds.context.execution_options.preserve_order = False
+    with pytest.raises(DataError, match="preserve_order"):
+        ShardReader(ds.iterator(), block_len=3, micro_batch=1)
+    ds.context.execution_options.preserve_order = True
+    assert ShardReader(ds.iterator(), block_len=3, micro_batch=1).position == {"epoch": 0, "micro_batches": 0}
