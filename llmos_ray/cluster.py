@@ -92,7 +92,7 @@ def up(num_cpus: Optional[int] = None, temp_dir: Optional[str] = None, dashboard
     return cluster
 
 
-def down(cluster: Optional[LocalCluster] = None, temp_dir: Optional[str] = None, timeout_s: float = 20.0) -> int:
+def down(cluster: Optional[LocalCluster] = None, temp_dir: Optional[str] = None, timeout_s: float = 10.0) -> int:
     """Stop the local cluster started from `temp_dir` (or `cluster`): its Ray processes and their
     children (workers, job drivers), nothing else. Returns how many processes were stopped."""
     import psutil

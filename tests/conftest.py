@@ -7,6 +7,7 @@ own Ray in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sysconfig
@@ -71,18 +72,28 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
-@pytest.fixture
-def only_ray_on_this_machine(s3_server):
-    """For a test that starts its own Ray (as a user's `llmos` command does): stop the session's
-    Ray meanwhile. With two local Ray clusters on one machine, Ray Train's placement-group cleaner
-    cannot tell which one to query and may tear down a healthy run's workers."""
+@contextlib.contextmanager
+def session_ray_paused():
+    """Stop the session's Ray while a test runs its own cluster (as a user's `llmos` command or
+    `llmos cluster up` does), then restart it. With two local Ray clusters on one machine, Ray
+    Train's placement-group cleaner cannot tell which one to query and may tear down a healthy
+    run's workers."""
     import ray
 
     was_running = ray.is_initialized()
     ray.shutdown()
-    yield
-    if was_running:
-        start_session_ray()
+    try:
+        yield
+    finally:
+        if was_running:
+            start_session_ray()
+
+
+@pytest.fixture
+def only_ray_on_this_machine(s3_server):
+    """For a test that starts its own Ray: the session's Ray is stopped meanwhile."""
+    with session_ray_paused():
+        yield
 
 
 def stdlib_texts(n: int = 40) -> list[str]:

@@ -1,16 +1,15 @@
 """`llmos pretrain` as a user runs it: a subprocess that starts its own Ray on this 2-core machine
-(so the defaults are proven not to hang Ray Data + Ray Train), and a driver killed hard after its
-first checkpoint, then re-run with run.resume=auto."""
+(so the defaults are proven not to hang Ray Data + Ray Train), and run.resume's checks. A driver
+killed hard and re-run with run.resume=auto is drilled through job submission in
+tests/cluster/test_local_cluster.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -28,14 +27,10 @@ def llmos_env(ray_tmp: str) -> dict:
 
 def stop_ray_started_under(ray_tmp: str) -> None:
     """Kill only the Ray processes whose session lives in `ray_tmp` (never the test session's Ray)."""
-    import psutil
+    from llmos_ray.cluster import cluster_processes
 
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(ray_tmp in part for part in (p.info["cmdline"] or [])):
-                p.kill()
-        except psutil.Error:
-            pass
+    for p in cluster_processes(ray_tmp):
+        p.kill()
 
 
 @pytest.fixture
@@ -71,33 +66,6 @@ def test_pretrain_cli_default_cpus_does_not_hang_and_learns(tmp_path, ray_tmp):
     tok = AutoTokenizer.from_pretrained(out / "export")
     ids = model.generate(**tok("import os\n", return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert ids.shape[1] > 3
-
-
-def test_driver_killed_after_checkpoint_resumes_with_auto(tmp_path, ray_tmp):
-    out = tmp_path / "run"
-    args = ["--config", TINY, f"run.output_dir={out}", "train.max_steps=12", "train.checkpoint_every=4",
-            "train.log_every=1", "train.eval_every=100", "data.max_documents=120"]
-    cmd = [sys.executable, "-m", "llmos_ray.cli", "pretrain", *args]
-    proc = subprocess.Popen(cmd, env=llmos_env(ray_tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any("checkpoint" in m for m in read_metrics(out)):
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its process group, no clean-up
-    proc.wait()
-    stop_ray_started_under(ray_tmp)
-    before = read_metrics(out)
-    last_ckpt = max(m["step"] for m in before if "checkpoint" in m)
-    assert before[-1]["step"] < 12
-
-    again = subprocess.run(cmd + ["run.resume=auto"], env=llmos_env(ray_tmp), capture_output=True, text=True,
-                           timeout=420)
-    assert again.returncode == 0, again.stderr[-3000:]
-    after = read_metrics(out)[len(before):]
-    assert after[0]["step"] == last_ckpt + 1  # continued from the checkpoint, not from step 1
-    assert [m["step"] for m in after] == list(range(last_ckpt + 1, 13))  # ends exactly at max_steps
-    assert after[-1]["tokens"] == 12 * 8 * 2 * 64  # tokens seen carried over the restart
 
 
 def test_resume_never_refuses_an_existing_run(tmp_path):
