@@ -101,7 +101,8 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (one per GPU on a GPU cluster)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """'auto' uses GPUs when the cluster has them, CPU otherwise."""
+    """'auto' uses GPUs when the cluster has them at submission, CPU otherwise; 'cuda' waits for GPU
+    workers (an autoscaling cluster adds the nodes)."""
     cpus_per_worker: Optional[float] = None
     """CPUs reserved per worker; None = at most 1, leaving at least one CPU to Ray Data."""
     max_steps: int = 200

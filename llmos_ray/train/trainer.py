@@ -215,14 +215,19 @@ def collect_blocks(ds, block_len: int, max_blocks: int) -> np.ndarray:
 
 
 def _use_gpu(cfg: Config) -> bool:
+    """'cuda': GPU workers, whatever the cluster has now — on an autoscaling cluster the pending
+    workers make the autoscaler add GPU nodes. 'auto': GPUs if the cluster has any right now."""
     import ray
 
     if cfg.train.device == "cpu":
         return False
     gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.train.device == "cuda" and gpus < cfg.train.num_workers:
-        raise ConfigError(f"train.device=cuda needs {cfg.train.num_workers} GPUs (train.num_workers); the cluster "
-                          f"has {gpus:g}")
+    if cfg.train.device == "cuda":
+        if gpus < cfg.train.num_workers:
+            log.warning("train.device=cuda: %d GPU workers requested, the cluster has %g GPUs now; waiting for the "
+                        "autoscaler to add GPU nodes (on a fixed cluster without them this waits forever: use "
+                        "train.device=auto or fewer train.num_workers)", cfg.train.num_workers, gpus)
+        return True
     return gpus >= 1
 
 
