@@ -8,11 +8,11 @@ the same preset model and blocks of stdlib source, in two precisions (`train.pre
            ZeRO-0 2Ψ + 2Ψ + 12Ψ = 16Ψ per rank, ZeRO-3 16Ψ/N, ratio N = 2.0. The headline figure
            (`ratio=`) and the one the goal (>= 1.8) applies to. DeepSpeed's CPU accelerator runs bf16.
     fp32   what `train.precision=auto` picks on CPU: 4Ψ weights + 4Ψ gradients + 8Ψ moments = 16Ψ
-           per rank under ZeRO-0, 16Ψ/N under ZeRO-3, but DeepSpeed 0.19's ZeRO-3 keeps a redundant
-           fp32 "master" copy of its partition (+4Ψ/N): its "weights already fp32 on this device,
-           reuse them" test in stage3.py `_create_fp32_partitions` compares `tensor.device` with
-           the string 'cpu' (`torch.device('cpu') == 'cpu'` is False), so it always copies. Printed
-           too, with the ratio that copy costs.
+           per rank under ZeRO-0, 16Ψ/N under ZeRO-3. DeepSpeed 0.19's ZeRO-3 alone would keep a
+           redundant fp32 "master" copy of its (already fp32) partition, +4Ψ/N (ratio 1.60 here):
+           its "reuse the weights" test in stage3.py `_create_fp32_partitions` compares
+           `tensor.device` with the string 'cpu', never equal. Our loop frees that copy
+           (llmos_ray.train.loop.share_fp32_partitions); the run says so if one remains.
 
 A wrapper around `deepspeed.initialize` (in each worker) hooks the engine's second `step()`: after
 that step's backward, before the optimizer runs, the gradients of this step and the Adam moments of

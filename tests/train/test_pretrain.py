@@ -349,3 +349,67 @@ def test_shard_reader_refuses_a_stream_without_preserve_order(ray_session):
         ShardReader(ds.iterator(), block_len=3, micro_batch=1)
     ds.context.execution_options.preserve_order = True
     assert ShardReader(ds.iterator(), block_len=3, micro_batch=1).position == {"epoch": 0, "micro_batches": 0}
+
+
+ZERO3_FP32_SCRIPT = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+import deepspeed
+from transformers import GPT2Config, GPT2LMHeadModel
+from llmos_ray.config import load_config
+from llmos_ray.train.deepspeed import deepspeed_config
+from llmos_ray.train.loop import share_fp32_partitions
+
+cfg = load_config(None, ["deepspeed.zero_stage=3", "train.micro_batch_size=2", "train.num_workers=1"])
+torch.manual_seed(0)
+config = GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=2,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+weights = GPT2LMHeadModel(config).state_dict()
+batch = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+out = {}
+for share in (False, True):
+    model = GPT2LMHeadModel(config)
+    model.load_state_dict(weights)
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(cfg, 1, "cpu", "fp32", hidden_size=64),
+                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                      dist_init_required=False)
+    zero = engine.optimizer
+    freed = share_fp32_partitions(engine) if share else 0
+    aliased = all(hp.untyped_storage().data_ptr() == lp.untyped_storage().data_ptr()
+                  for hp, lp in zip(zero.fp32_partitioned_groups_flat, zero.fp16_partitioned_groups_flat))
+    losses = []
+    for _ in range(4):
+        loss = engine(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    out[str(share)] = {"freed": freed, "aliased": aliased, "losses": losses,
+                       "param_bytes": sum(p.ds_tensor.numel() * 4 for p in model.parameters())}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_zero3_fp32_optimizer_updates_the_parameter_partitions_in_place(tmp_path):
+    """DeepSpeed 0.19's ZeRO-3 keeps a redundant fp32 copy of the (already fp32) partitions;
+    `share_fp32_partitions` frees it: afterwards the optimizer's fp32 partitions are the parameter
+    partitions (same storage), the copy's bytes are freed, and training is bit-for-bit the same."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "zero3_fp32.py"
+    script.write_text(ZERO3_FP32_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0",
+                               "WORLD_SIZE": "1"}, cwd=os.path.dirname(os.path.dirname(
+                              os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    copied, shared = out["False"], out["True"]
+    assert not copied["aliased"], "DeepSpeed now reuses the partitions itself: share_fp32_partitions can go"
+    assert shared["aliased"] and shared["freed"] == shared["param_bytes"]
+    assert shared["losses"] == copied["losses"] and shared["losses"][-1] < shared["losses"][0]
