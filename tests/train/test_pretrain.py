@@ -3,7 +3,7 @@
 Golden values come from a trusted run made in the same test: a plain single-process PyTorch loop
 (AdamW, the same warmup+cosine schedule, the same clipping) over the same base weights and the same
 global batches. Data is an in-memory block array so both see identical batches; the streaming Ray
-Data path is exercised by the CLI tests below.
+Data path is exercised by the CLI tests and by test_streamed_corpus_resumes_with_the_same_batches.
 
 Tolerances: ZeRO only changes the order of floating-point sums, so fp32 losses agree to ~1e-5;
 we assert 2e-3 absolute.
@@ -316,7 +316,8 @@ def test_streamed_corpus_resumes_with_the_same_batches(ray_session, tiny_tokeniz
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tok = load_tokenizer(tiny_tokenizer_dir)
     steps, ckpt = 8, 5
-    cfg = make_config(tmp_path, "streamed", tiny_model_dir, f"data.paths=[{corpus}]", f"data.tokenizer={tiny_tokenizer_dir}",
+    cfg = make_config(tmp_path, "streamed", tiny_model_dir, f"data.paths=[{corpus}]",
+                      f"data.tokenizer={tiny_tokenizer_dir}",
                       "data.val_fraction=0", "data.batch_docs=2", f"train.max_steps={steps}",
                       f"train.checkpoint_every={ckpt}", "train.log_every=100", "train.export=false",
                       "train.max_failures=1")
