@@ -193,6 +193,19 @@ def wait_for_job(client, job_id: str, timeout_s: float = 600.0, poll_s: float = 
     return state
 
 
+def scrape_metrics(metrics_url: str, prefix: str = "ray_llmos_", timeout_s: float = 30.0) -> dict[str, float]:
+    """The Prometheus series of a node's metrics endpoint whose names start with `prefix`, as
+    {name: value} (labels dropped; the last series of a name wins). Ray exports our metrics with a
+    `ray_` prefix: Gauge `llmos_train_loss` → `ray_llmos_train_loss`, Counter `llmos_serve_requests`
+    → `ray_llmos_serve_requests_total`, Histogram `…_latency_s` → `…_latency_s_bucket/_sum/_count`."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as r:
+        text = r.read().decode()
+    return {line.split("{")[0].split(" ")[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
 def _wait_for_dashboard(cluster: LocalCluster, timeout_s: float) -> None:
     """The head answers `ray start` before the job API is up: wait for it."""
     deadline, last = time.time() + timeout_s, None

@@ -20,7 +20,6 @@ import re
 import tempfile
 import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -52,15 +51,6 @@ def submit(cluster, script: str, *args: str) -> str:
     """`ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/<script> …`"""
     entrypoint = " ".join(["python", f"jobs/{script}", *args])
     return cluster.client().submit_job(entrypoint=entrypoint, runtime_env=local.job_runtime_env(ROOT))
-
-
-def scrape(cluster) -> str:
-    with urllib.request.urlopen(cluster.metrics_url, timeout=10) as r:
-        return r.read().decode()
-
-
-def metric_names(text: str) -> set[str]:
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def registered_checkpoints(storage: str) -> list[str]:
@@ -103,11 +93,11 @@ def pretrained(cluster, tmp_path_factory):
             "train.checkpoint_every=10", "train.eval_every=20", "run.resume=auto", "run.wandb=disabled"]
     client = cluster.client()
     first = submit(cluster, "pretrain.py", *args)
-    seen_metrics: set[str] = set()
+    seen_metrics: dict[str, float] = {}
 
     def second_checkpoint_registered():
         try:
-            seen_metrics.update(metric_names(scrape(cluster)))
+            seen_metrics.update(local.scrape_metrics(cluster.metrics_url))
         except OSError:
             pass
         return len(registered_checkpoints(storage)) >= 2
@@ -151,8 +141,9 @@ def test_killed_driver_and_damaged_checkpoint_resume_to_the_exact_step(pretraine
 
 
 def test_training_metrics_reach_the_metrics_endpoint(pretrained):
-    assert TRAIN_METRICS - {"ray_llmos_train_val_loss"} <= pretrained["metrics_seen"], sorted(
-        n for n in pretrained["metrics_seen"] if "llmos" in n)
+    seen = pretrained["metrics_seen"]
+    assert TRAIN_METRICS - {"ray_llmos_train_val_loss"} <= set(seen), sorted(seen)
+    assert 1 <= seen["ray_llmos_train_step"] <= MAX_STEPS and seen["ray_llmos_train_loss"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +200,7 @@ def test_serving_metrics_reach_the_metrics_endpoint(cluster, served):
     openai_client(served).completions.create(model="ft", prompt="def ", max_tokens=4)
 
     def serve_metrics():
-        names = {n for n in metric_names(scrape(cluster)) if n.startswith("ray_llmos_serve_")}
+        names = set(local.scrape_metrics(cluster.metrics_url, prefix="ray_llmos_serve_"))
         return names if any(n.startswith("ray_llmos_serve_requests") for n in names) else None
 
     names = wait_for(serve_metrics, 60, "serving metrics on the endpoint", poll_s=2)
