@@ -194,6 +194,95 @@ def load_engine(engine, ckpt, state: dict) -> None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt.path!r}")
 
 
+def reshard_method(state: dict, cfg: Config) -> tuple[str, str]:
+    """How to resume checkpoint `state` on a different worker count, and why:
+
+    "as_is"         ZeRO-0 both times: DeepSpeed's checkpoint holds the whole model and the plain
+                    torch optimizer state, nothing is partitioned by worker, it loads unchanged.
+    "universal"     ZeRO-1/2/3: converted to DeepSpeed's universal checkpoint and re-partitioned
+                    for the new workers, fp32 master weights, Adam moments, step and scheduler included.
+    "consolidated"  where DeepSpeed can't do that (the reason says which): the consolidated fp32
+                    weights only; the optimizer moments restart."""
+    old, new = state["zero_stage"], cfg.deepspeed.zero_stage
+    extra_zero = cfg.deepspeed.extra.get("zero_optimization", {}) if isinstance(cfg.deepspeed.extra, dict) else {}
+    if old == 0 and new == 0:
+        return "as_is", "ZeRO-0 checkpoints are not partitioned by worker"
+    if old == 0 or new == 0:
+        # ds_to_universal needs ZeRO optimizer files (a ZeRO-0 checkpoint has none), and a ZeRO-0
+        # engine loading a universal checkpoint restores neither weights nor optimizer (engine.py
+        # _load_checkpoint skips the module, _load_zero_checkpoint needs a ZeRO optimizer).
+        return "consolidated", f"DeepSpeed has no universal checkpoint between ZeRO-{old} and ZeRO-{new}"
+    if (extra_zero.get("offload_optimizer") or {}).get("device") == "nvme":
+        # engine.load_checkpoint copies each rank's swap files instead of reading the ZeRO states.
+        return "consolidated", "DeepSpeed does not load universal checkpoints with the optimizer offloaded to NVMe"
+    if state.get("lora"):
+        return "consolidated", ("universal checkpoints of LoRA runs (frozen base weights) are not verified "
+                                "with our DeepSpeed version")
+    return "universal", "DeepSpeed universal checkpoint"
+
+
+def load_universal(engine, ckpt, local_rank: int, dist) -> None:
+    """Collective: restore a ZeRO-1/2/3 checkpoint written by another number of workers, optimizer
+    state included, through DeepSpeed's universal checkpoint (the engine was built with
+    `deepspeed_config(..., load_universal=True)`).
+
+    Where the converted folder lives: the first worker of each node converts the checkpoint into a
+    temp dir on that node's disk and the node's workers load from there. Conversion reads the
+    whole checkpoint and is deterministic, so every node gets identical folders without any shared
+    filesystem (the run's storage may be s3://, which DeepSpeed can't read); one conversion per
+    node, not per worker, bounds the disk and time it costs. The folder is removed once loaded."""
+    import uuid
+
+    import torch
+
+    ckpt = _as_checkpoint(ckpt)
+    name = [f"llmos-universal-{uuid.uuid4().hex[:12]}"]
+    dist.broadcast_object_list(name, src=0)  # one name for all nodes, unique to this resume
+    root = os.path.join(tempfile.gettempdir(), name[0])
+    failed = torch.zeros(1)
+    if local_rank == 0:
+        try:
+            with ckpt.as_directory() as d:
+                to_universal(os.path.join(d, DS_DIR, DS_TAG), os.path.join(root, DS_TAG))
+        except Exception:
+            log.exception("converting %s to a DeepSpeed universal checkpoint failed", ckpt.path)
+            failed += 1
+    dist.all_reduce(failed)  # also the barrier: every node's folder is complete past this line
+    try:
+        if failed.item():
+            raise CheckpointError(f"converting {ckpt.path!r} to a DeepSpeed universal checkpoint failed (see the "
+                                  f"workers' logs); resume on {read_state(ckpt)['world_size']} workers "
+                                  f"(train.num_workers) to load it as written")
+        path, _ = engine.load_checkpoint(root, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the universal checkpoint made from {ckpt.path!r}")
+    finally:
+        dist.barrier()
+        if local_rank == 0:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def to_universal(zero_dir: str, out_dir: str) -> str:
+    """Convert one tag folder of a DeepSpeed ZeRO-1/2/3 checkpoint (zero_pp_rank_*_optim_states.pt …)
+    into a universal checkpoint at `out_dir`: per-parameter fp32 weights, exp_avg, exp_avg_sq and
+    step under `out_dir/zero/`, which any number of workers can load. Runs in this process (no pool)."""
+    import contextlib
+    import types
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = types.SimpleNamespace(input_folder=zero_dir, output_folder=out_dir, num_extract_workers=1,
+                                 num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                 # our engines record no UNIVERSAL_CHECKPOINT_INFO (only tensor-parallel
+                                 # models need its patterns); ZeRO-1/2 conversion asserts it exists
+                                 inject_missing_state=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ds_to_universal.main(args)
+    log.debug("ds_to_universal: %s", printed.getvalue())
+    return out_dir
+
+
 def consolidated_state_dict(ckpt) -> dict:
     """The full fp32 model state dict of a checkpoint, whatever its ZeRO stage and worker count
     (ZeRO-3 shards gathered on CPU, no process group needed)."""
@@ -232,9 +321,18 @@ def _lora_model(config, weights: dict, run_cfg):
     return peft_model
 
 
-def rescale_position(position: dict, old_world: int, new_world: int) -> dict:
-    """Data position for a different worker count: the same number of blocks consumed in total."""
-    return {"epoch": position["epoch"], "micro_batches": position["micro_batches"] * old_world // new_world}
+def rescale_position(position: dict, old_world: int, new_world: int, old_micro: int = 1, new_micro: int = 1) -> dict:
+    """Data position for a different worker count (and micro-batch size, as when the global batch is
+    kept on fewer workers): the same number of blocks consumed in total."""
+    blocks = position["micro_batches"] * old_world * old_micro
+    return {"epoch": position["epoch"], "micro_batches": blocks // (new_world * new_micro)}
+
+
+def read_micro_batch_size(ckpt) -> int:
+    """train.micro_batch_size of the run that wrote the checkpoint (from its config.yaml)."""
+    import yaml
+
+    return int(yaml.safe_load(_read_bytes(ckpt, "config.yaml"))["train"]["micro_batch_size"])
 
 
 def export(checkpoint: Union[str, Any], out_dir: str, merge_lora: Optional[bool] = None) -> str:

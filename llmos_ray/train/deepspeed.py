@@ -40,11 +40,13 @@ def uses_client_optimizer(cfg: Config, device: str) -> bool:
 
 
 def deepspeed_config(cfg: Config, world_size: int, device: str, precision: str,
-                     hidden_size: int | None = None) -> dict[str, Any]:
+                     hidden_size: int | None = None, load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed's JSON config for this run. With the model's `hidden_size`, communication buckets
     and ZeRO-3's persistence threshold are sized to the model (the rules transformers uses for
     'auto': hidden², 0.9·hidden², 10·hidden) instead of fixed 5e7-element buckets, which on a
-    small model would outweigh the memory ZeRO saves. deepspeed.extra still wins over both."""
+    small model would outweigh the memory ZeRO saves. `load_universal` makes the engine's
+    load_checkpoint read a universal checkpoint (a resume on another worker count, see
+    checkpoint.load_universal). deepspeed.extra still wins over all of these."""
     t, ds = cfg.train, cfg.deepspeed
     accum = accumulation_steps(cfg, world_size)
     out: dict[str, Any] = {
@@ -83,6 +85,8 @@ def deepspeed_config(cfg: Config, world_size: int, device: str, precision: str,
                                                          "weight_decay": t.weight_decay}}
     if t.activation_checkpointing:
         out["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+    if load_universal:
+        out["checkpoint"] = {"load_universal": True}
     return _merge(out, ds.extra)
 
 

@@ -56,11 +56,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if start is not None:  # a damaged checkpoint (file lost or truncated in storage): the newest complete one before it
         start, restored, damaged = ckpt_io.usable_checkpoint(start)
     reshard = restored is not None and restored["world_size"] != world
+    # On another worker count: "as_is" (ZeRO-0), "universal" (ZeRO-1/2/3, optimizer state carried
+    # over) or, where DeepSpeed can't, "consolidated" weights with fresh optimizer moments.
+    how, why = ckpt_io.reshard_method(restored, cfg) if reshard else (None, "")
 
     deepspeed.init_distributed(auto_mpi_discovery=False)  # adopts the process group Ray Train created
     _seed_everything(cfg.run.seed)
     job = loop_config.get("job", "pretrain")
-    model = build_model(cfg, tokenizer, ds_config if not reshard else None)
+    model = build_model(cfg, tokenizer, ds_config if how != "consolidated" else None)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):  # chat tokens added for fine-tuning
         model.resize_token_embeddings(len(tokenizer))
     if job == "finetune" and cfg.finetune.lora:
@@ -68,13 +71,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     teacher = load_teacher(cfg, device) if job == "distill" else None
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
-    if reshard:  # a different worker count: start from the consolidated weights, fresh optimizer moments
+    if how == "consolidated":
         log.warning("checkpoint was written by %d workers, resuming on %d: loading consolidated weights; "
-                    "optimizer moments restart", restored["world_size"], world)
+                    "optimizer moments restart (%s)", restored["world_size"], world, why)
         model.load_state_dict(ckpt_io.consolidated_state_dict(start), strict=True)
+    elif reshard:
+        log.info("checkpoint was written by %d workers, resuming on %d with its optimizer state (%s)",
+                 restored["world_size"], world, why)
 
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
-    ds_config = deepspeed_config(cfg, world, device.type, precision, hidden_size=hidden)
+    ds_config = deepspeed_config(cfg, world, device.type, precision, hidden_size=hidden,
+                                 load_universal=how == "universal")
     optimizer = None
     if uses_client_optimizer(cfg, device.type):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, betas=tuple(cfg.train.betas),
@@ -89,13 +96,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     step, tokens_seen, data_pos = 0, 0, {"epoch": 0, "micro_batches": 0}
     if restored is not None:
         step, tokens_seen, data_pos = restored["step"], restored["tokens_seen"], restored["data"]
-        if reshard:
-            data_pos = ckpt_io.rescale_position(data_pos, restored["world_size"], world)
+        if reshard:  # the same number of blocks consumed in total; RNG stays seeded from run.seed (ranks differ)
+            data_pos = ckpt_io.rescale_position(data_pos, restored["world_size"], world,
+                                                ckpt_io.read_micro_batch_size(start), cfg.train.micro_batch_size)
+        if how == "consolidated":
             for _ in range(step):
                 scheduler.step()
+        elif how == "universal":
+            ckpt_io.load_universal(engine, start, ctx.get_local_rank(), dist)
         else:
             ckpt_io.load_engine(engine, start, restored)
-            _set_rng(ckpt_io.read_rng(start, rank))
+            if not reshard:
+                _set_rng(ckpt_io.read_rng(start, rank))
         log.info("rank %d resumed at step %d (epoch %d, micro-batch %d)", rank, step,
                  data_pos["epoch"], data_pos["micro_batches"])
 

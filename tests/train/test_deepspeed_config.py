@@ -46,6 +46,12 @@ def test_fp16_has_dynamic_loss_scaling_and_extra_merges():
     assert d["flops_profiler"] == {"enabled": True}
 
 
+def test_load_universal_only_when_asked():
+    c = cfg("deepspeed.zero_stage=2")
+    assert "checkpoint" not in deepspeed_config(c, 2, "cpu", "fp32")
+    assert deepspeed_config(c, 1, "cpu", "fp32", load_universal=True)["checkpoint"] == {"load_universal": True}
+
+
 def test_offload_needs_zero():
     with pytest.raises(ConfigError, match="offload_optimizer needs"):
         deepspeed_config(cfg("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"), 2, "cuda", "bf16")

@@ -214,21 +214,34 @@ def test_worker_killed_mid_run_finishes_at_exact_step(ray_session, blocks, tiny_
                                atol=LOSS_ATOL)
 
 
-def test_resume_on_fewer_workers(ray_session, blocks, tiny_model_dir, tmp_path, runs):
-    """2 workers' ZeRO-2 checkpoint at step 4 → continue on 1 worker (consolidated weights, fresh
-    optimizer moments): ends at STEPS, loss close to the 2-worker run's."""
+def test_resume_on_fewer_then_more_workers(ray_session, blocks, tiny_model_dir, tmp_path, runs):
+    """2 workers' ZeRO-2 checkpoint at step 4 → 1 worker (same global batch) → its step-6 checkpoint
+    → 2 workers again. Both changes go through DeepSpeed's universal checkpoint, which carries the
+    fp32 master weights, Adam's moments and step and the LR schedule across, so every step's loss
+    is the uninterrupted 2-worker run's."""
     from llmos_ray.train.checkpoint import read_state
 
+    want = losses(runs[2][1].history)
     ckpt = os.path.join(runs[2][0].run.storage_path, "zero2", "checkpoint_00000004")
     assert read_state(ckpt)["world_size"] == 2
     cfg = make_config(tmp_path, "one-worker", tiny_model_dir, "deepspeed.zero_stage=2", "train.num_workers=1",
-                      f"train.micro_batch_size={MICRO * WORKERS}", f"run.resume={ckpt}")
-    result = run_training(cfg, blocks["tokenizer"], {"train": blocks["train"]}, blocks["val"], ckpt)
-    got, want = losses(result.history), losses(runs[2][1].history)
+                      f"train.micro_batch_size={MICRO * WORKERS}", "train.checkpoint_every=2",
+                      "train.export=false", f"run.resume={ckpt}")
+    shrunk = run_training(cfg, blocks["tokenizer"], {"train": blocks["train"]}, None, ckpt)
+    got = losses(shrunk.history)
     assert sorted(got) == list(range(5, STEPS + 1))
-    # Same batches, same weights at step 4; only Adam's moments restart, so allow 5% on the loss.
-    np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)], [want[s] for s in range(5, STEPS + 1)],
-                               rtol=0.05)
+    # Measured 2026-11-23 (2-core CPU): |diff| <= 2.4e-7 on both legs, i.e. only the order of fp32
+    # sums changes; LOSS_ATOL (2e-3) as for the other parity tests leaves room for other machines.
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=LOSS_ATOL)
+
+    ckpt = os.path.join(cfg.run.storage_path, "one-worker", "checkpoint_00000006")
+    assert read_state(ckpt)["world_size"] == 1
+    cfg = make_config(tmp_path, "two-again", tiny_model_dir, "deepspeed.zero_stage=2", "train.export=false",
+                      f"run.resume={ckpt}")
+    grown = run_training(cfg, blocks["tokenizer"], {"train": blocks["train"]}, None, ckpt)
+    got = losses(grown.history)
+    assert sorted(got) == [7, 8]
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=LOSS_ATOL)
 
 
 def test_zero3_checkpoints_on_s3_and_resume_from_there(ray_session, blocks, tiny_model_dir, tmp_path, runs):
