@@ -28,7 +28,7 @@ from llmos_ray import cluster as local
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MAX_STEPS = 60
+MAX_STEPS = 30
 JOB_TIMEOUT_S = 600
 TRAIN_METRICS = {f"ray_llmos_train_{k}" for k in ("step", "loss", "tokens_per_s", "mfu", "val_loss")}
 
@@ -90,16 +90,20 @@ def pretrained(cluster, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pretrain"))
     storage = os.path.join(out, "checkpoints")
     args = ["--config", "jobs/configs/pretrain_tiny.yaml", f"run.output_dir={out}", f"train.max_steps={MAX_STEPS}",
-            "train.checkpoint_every=10", "train.eval_every=20", "run.resume=auto", "run.wandb=disabled"]
+            "train.checkpoint_every=5", "train.eval_every=15", "run.resume=auto", "run.wandb=disabled",
+            "data.max_documents=150"]
     client = cluster.client()
     first = submit(cluster, "pretrain.py", *args)
     seen_metrics: dict[str, float] = {}
 
-    def second_checkpoint_registered():
+    def scrape_into(seen: dict) -> None:
         try:
-            seen_metrics.update(local.scrape_metrics(cluster.metrics_url))
-        except OSError:
+            seen.update(local.scrape_metrics(cluster.metrics_url))
+        except OSError:  # the endpoint restarts with the node's metrics agent: try again next poll
             pass
+
+    def second_checkpoint_registered():
+        scrape_into(seen_metrics)
         return len(registered_checkpoints(storage)) >= 2
 
     wait_for(second_checkpoint_registered, JOB_TIMEOUT_S, "two registered checkpoints")
@@ -117,8 +121,14 @@ def pretrained(cluster, tmp_path_factory):
     with open(shard, "r+b") as f:  # as a partial copy or a bad disk leaves it
         f.truncate(os.path.getsize(shard) // 2)
 
-    second = submit(cluster, *["pretrain.py", *args])
-    local.wait_for_job(client, second, JOB_TIMEOUT_S)
+    second = submit(cluster, "pretrain.py", *args)
+
+    def second_job_ended():  # the run is short: watch the metrics endpoint all the way
+        scrape_into(seen_metrics)
+        return str(client.get_job_status(second)).split(".")[-1] in local.TERMINAL
+
+    wait_for(second_job_ended, JOB_TIMEOUT_S, "the resubmitted job to end", poll_s=1.0)
+    local.wait_for_job(client, second, 10)  # raises with its logs unless it SUCCEEDED
     return {"out": out, "storage": storage, "killed_status": killed_status, "steps_before": steps_before,
             "damaged": damaged, "previous": previous, "previous_step": previous_step, "logs": client.get_job_logs(second),
             "metrics_seen": seen_metrics, "export": os.path.join(out, "export")}
