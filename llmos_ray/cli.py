@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         c = clus.add_parser(action, help=text)
         c.add_argument("--temp-dir", help="the cluster's Ray temp dir, which identifies it (default /tmp/llmos-ray)")
         if action == "up":
-            c.add_argument("--num-cpus", type=int, help="logical CPUs (default 2 per core, at least 4)")
+            c.add_argument("--num-cpus", type=int, help="logical CPUs (default: this machine's + 2, so Ray Data keeps CPUs beside training workers)")
             c.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / job API port (default 8265)")
             c.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
             c.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (default 8080)")

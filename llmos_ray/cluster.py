@@ -56,8 +56,8 @@ class LocalCluster:
 def up(num_cpus: Optional[int] = None, temp_dir: Optional[str] = None, dashboard_port: int = 8265,
        port: int = 6379, metrics_port: int = 8080, timeout_s: float = 90.0) -> LocalCluster:
     """`ray start --head` bound to 127.0.0.1, from this interpreter's environment. Ports already
-    taken are replaced by free ones (printed). `num_cpus` defaults to 2 logical CPUs per core, at
-    least 4: Ray Train workers and Ray Data tasks then both find CPUs (a plain 2-CPU Ray hangs the
+    taken are replaced by free ones (printed). `num_cpus` defaults to the machine's CPUs + 2
+    (4 on 2 cores): Ray Train workers and Ray Data tasks then both find CPUs (a plain 2-CPU Ray hangs the
     data pipeline, see STACK-NOTES). Refuses to start a second cluster in the same temp dir."""
     temp_dir = os.path.abspath(temp_dir or DEFAULT_TEMP_DIR)
     existing = status(temp_dir)
@@ -65,7 +65,7 @@ def up(num_cpus: Optional[int] = None, temp_dir: Optional[str] = None, dashboard
         raise ClusterError(f"a local cluster is already running from {temp_dir} (dashboard "
                            f"{existing.dashboard_url}); run `llmos cluster down` first or pass another --temp-dir")
     os.makedirs(temp_dir, exist_ok=True)
-    num_cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
+    num_cpus = num_cpus or (os.cpu_count() or 2) + 2
     ports = {"port": _free(port), "dashboard": _free(dashboard_port), "metrics": _free(metrics_port),
              "agent": _free(0), "client": _free(0)}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")

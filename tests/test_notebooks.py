@@ -22,9 +22,10 @@ NOTEBOOKS = ROOT / "notebooks"
 CELL_TIMEOUT_S = 600
 
 
-def execute(name: str, out_dir: Path, monkeypatch) -> nbformat.NotebookNode:
+def execute(name: str, out_dir: Path, monkeypatch) -> tuple[nbformat.NotebookNode, Path, dict]:
     """Run notebooks/<name> as Jupyter would (working directory notebooks/), outputs under `out_dir`.
-    The executed copy is kept in `out_dir` to read when a cell fails."""
+    The executed copy is kept in `out_dir` to read when a cell fails. Returns the executed notebook,
+    the notebook's run directory and the summary.json it wrote there."""
     from nbclient import NotebookClient
 
     monkeypatch.setenv("LLMOS_NOTEBOOK_DIR", str(out_dir))
@@ -37,7 +38,8 @@ def execute(name: str, out_dir: Path, monkeypatch) -> nbformat.NotebookNode:
     finally:
         nbformat.write(nb, out_dir / f"executed-{name}")
         print(f"{name}: {time.perf_counter() - t0:.0f} s")
-    return nb
+    run = out_dir / Path(name).stem
+    return nb, run, json.loads((run / "summary.json").read_text())
 
 
 def outputs_of(nb: nbformat.NotebookNode, first_line: str) -> list:
@@ -66,9 +68,7 @@ def test_committed_notebooks_have_no_outputs():
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_quickstart_notebook_trains_finetunes_evaluates_and_serves(only_ray_on_this_machine, tmp_path, monkeypatch):
-    nb = execute("quickstart.ipynb", tmp_path, monkeypatch)
-    run = tmp_path / "quickstart"
-    summary = json.loads((run / "summary.json").read_text())
+    nb, run, summary = execute("quickstart.ipynb", tmp_path, monkeypatch)
 
     # Pretraining: the loss in metrics.jsonl falls, and the notebook plotted it.
     losses = [h["loss"] for h in read_jsonl(run / "pretrain" / "metrics.jsonl") if "loss" in h]
@@ -102,9 +102,7 @@ def test_quickstart_notebook_trains_finetunes_evaluates_and_serves(only_ray_on_t
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_cluster_notebook_submits_monitors_and_stops_its_cluster(only_ray_on_this_machine, tmp_path, monkeypatch):
-    nb = execute("cluster.ipynb", tmp_path, monkeypatch)
-    run = tmp_path / "cluster"
-    summary = json.loads((run / "summary.json").read_text())
+    nb, run, summary = execute("cluster.ipynb", tmp_path, monkeypatch)
 
     # The job ran through job submission to the end, and `list_jobs` saw it.
     assert summary["status"] == "SUCCEEDED" and summary["jobs_listed"] == {summary["job_id"]: "SUCCEEDED"}
