@@ -216,27 +216,10 @@ class EvalConfig:
 
 
 @dataclass
-class ServeConfig:
-    models: list[str] = field(default_factory=list)
-    """Models to serve: export directories, fsspec URIs, registry names or hub ids; 'name=SOURCE' sets the served name."""
-    host: str = "127.0.0.1"
-    """HTTP host."""
-    port: int = 8000
-    """HTTP port."""
-    app_name: str = "llmos"
-    """Ray Serve application name (`serve status`, `serve delete`)."""
-    route_prefix: str = "/"
-    """URL prefix of the HTTP API."""
-    api_keys: list[str] = field(default_factory=list)
-    """Accepted API keys, also read from LLMOS_API_KEYS (comma separated) and api_keys_file; none at all = open."""
-    api_keys_file: Optional[str] = None
-    """File with one API key per line (blank lines and # comments ignored)."""
-    max_request_bytes: int = 1_000_000
-    """Largest accepted request body in bytes; larger requests get 413."""
-    retry_after_s: int = 1
-    """Seconds a client is told to wait (Retry-After) when a model is over capacity (503)."""
-    ingress_max_ongoing_requests: int = 1000
-    """Requests one HTTP ingress replica handles at once before the proxy answers 503."""
+class ServedModelOptions:
+    """The per-model serving keys: defaults for every served model in `serve`, overridden by name in
+    `serve.model_options`; each served model's resolved values are a `serve.spec.ModelSpec`."""
+
     max_ongoing_requests: int = 32
     """Per model: requests one replica holds (running + waiting for a batch slot); raised to max_batch_size if lower."""
     max_queued_requests: int = 64
@@ -279,6 +262,30 @@ class ServeConfig:
     """Per model: regular expressions that end a completion with finish_reason 'content_filter'."""
     safety_max_output_chars: Optional[int] = None
     """Per model: completions are cut at this many characters (finish_reason 'length')."""
+
+
+@dataclass
+class ServeConfig(ServedModelOptions):
+    models: list[str] = field(default_factory=list)
+    """Models to serve: export directories, fsspec URIs, registry names or hub ids; 'name=SOURCE' sets the served name."""
+    host: str = "127.0.0.1"
+    """HTTP host."""
+    port: int = 8000
+    """HTTP port."""
+    app_name: str = "llmos"
+    """Ray Serve application name (`serve status`, `serve delete`)."""
+    route_prefix: str = "/"
+    """URL prefix of the HTTP API."""
+    api_keys: list[str] = field(default_factory=list)
+    """Accepted API keys, also read from LLMOS_API_KEYS (comma separated) and api_keys_file; none at all = open."""
+    api_keys_file: Optional[str] = None
+    """File with one API key per line (blank lines and # comments ignored)."""
+    max_request_bytes: int = 1_000_000
+    """Largest accepted request body in bytes; larger requests get 413."""
+    retry_after_s: int = 1
+    """Seconds a client is told to wait (Retry-After) when a model is over capacity (503)."""
+    ingress_max_ongoing_requests: int = 1000
+    """Requests one HTTP ingress replica handles at once before the proxy answers 503."""
     model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-model overrides of the 'Per model' keys by served name, e.g. {tiny: {max_replicas: 4, quantize: int8}}."""
 
@@ -559,7 +566,8 @@ def field_docs(cls=Config) -> dict[str, str]:
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
 
     def walk(klass, prefix):
-        body = classes[klass.__name__].body
+        # a section's own fields and those it inherits (ServeConfig's per-model keys), bases first
+        body = [stmt for k in reversed(klass.__mro__) if k.__name__ in classes for stmt in classes[k.__name__].body]
         hints = typing.get_type_hints(klass)
         for stmt, nxt in zip(body, body[1:] + [None]):
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):

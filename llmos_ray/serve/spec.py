@@ -12,18 +12,19 @@ import json
 import os
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from llmos_ray.config import Config, ServeConfig, _coerce
+from llmos_ray.config import Config, ServedModelOptions, ServeConfig, _coerce
 from llmos_ray.errors import ConfigError, ModelError
 
 SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
-@dataclass
-class ModelSpec:
-    """One served model and its per-model settings (the 'Per model' keys of ServeConfig)."""
+@dataclass(kw_only=True)
+class ModelSpec(ServedModelOptions):
+    """One served model: its name and source, and its per-model settings (ServedModelOptions, the
+    'Per model' keys of ServeConfig) after `serve.model_options` are applied."""
 
     name: str
     """Name clients put in `model`."""
@@ -33,27 +34,6 @@ class ModelSpec:
     """For a LoRA adapter: the base model it is applied to."""
     registry_entry: Optional[dict] = None
     """The registry entry it was resolved from, if any."""
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 64
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 8.0
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.0
-    max_tokens_limit: int = 1024
-    default_max_tokens: int = 16
-    engine: str = "transformers"
-    device: str = "auto"
-    dtype: str = "auto"
-    quantize: str = "none"
-    num_cpus: float = 1.0
-    num_gpus: Optional[float] = None
-    trust_remote_code: bool = False
-    safety_input_blocklist: list[str] = field(default_factory=list)
-    safety_input_patterns: list[str] = field(default_factory=list)
-    safety_output_blocklist: list[str] = field(default_factory=list)
-    safety_output_patterns: list[str] = field(default_factory=list)
-    safety_max_output_chars: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,8 +43,7 @@ class ModelSpec:
         return "model-" + re.sub(r"[^A-Za-z0-9_-]", "_", self.name)
 
 
-PER_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelSpec)
-                       if f.name not in ("name", "uri", "base_uri", "registry_entry"))
+PER_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ServedModelOptions))
 
 
 def resolve_models(config: Config) -> list[ModelSpec]:
