@@ -1,4 +1,5 @@
 # The two commands in the README: `make run` and `make test`. Both set up .venv on first use.
+# For development: `make test-fast` (unit tests, no Ray cluster, < 2 min) and `make lint` (ruff).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
@@ -21,4 +22,10 @@ run: install
 test: install
 	$(PY) -m pytest -x -q tests
 
-.PHONY: install run test
+test-fast: install
+	LLMOS_TEST_FAST=1 $(PY) -m pytest -x -q -m "not slow" tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+.PHONY: install run test test-fast lint

@@ -91,12 +91,11 @@ def timed(fn) -> tuple[float, int]:
 def main() -> int:
     import httpx
     import ray
+    import torch
     from ray import serve
 
     import llmos_ray.serve
     from llmos_ray.config import load_config
-
-    import torch
 
     torch.set_num_threads(THREADS)
     tmp = tempfile.TemporaryDirectory()

@@ -11,8 +11,8 @@
 Same preset model and init seed, same blocks (the stdlib's sources tokenized by a BPE trained with
 `train_tokenizer`), the same global batch of the same rows at every step, the same number of steps.
 The run checks that both trained the same thing: the per-window losses must agree (fp32; ZeRO only
-reorders sums), else it says MISMATCH and exits with status 1. The baseline runs first, before Ray starts. Prints both figures, the machine, and
-`ratio=<ours/baseline>` last (goal >= 0.9).
+reorders sums), else it says MISMATCH and exits with status 1. The baseline runs first, before Ray
+starts. Prints both figures, the machine, and `ratio=<ours/baseline>` last (goal >= 0.9).
 
     .venv/bin/python bench/train_throughput.py [--steps 30] [--log-every 5] [--size small] [--zero-stage 2]
 """

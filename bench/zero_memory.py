@@ -181,18 +181,10 @@ def measure(stage: int, precision: str, args, tok, blocks, out: str) -> list[dic
 
 
 def theory(n_params: int, stage: int, world: int, precision: str) -> dict:
-    """Adam bytes per parameter, split by ZeRO: fp32 4 weights + 4 gradient + 8 moments; bf16 2 weights
-    + 2 gradient + 4 fp32 master + 8 moments (master and moments partitioned with the optimizer)."""
-    low = 2.0 if precision == "bf16" else 4.0
-    p, g = low * n_params, low * n_params
-    m, o = (4.0 * n_params if precision == "bf16" else 0.0), 8.0 * n_params
-    if stage >= 1:
-        m, o = m / world, o / world
-    if stage >= 2:
-        g /= world
-    if stage >= 3:
-        p /= world
-    return {"params": p, "master": m, "grads": g, "optimizer": o, "total": p + m + g + o}
+    """Adam bytes per parameter, split by ZeRO (llmos_ray.models.zero_memory_per_device, what `llmos plan` prints)."""
+    from llmos_ray.models import zero_memory_per_device
+
+    return zero_memory_per_device(n_params, stage, world, precision)
 
 
 def report(precision: str, runs: dict, n: int, mib) -> float:
@@ -261,8 +253,9 @@ def main() -> int:
     mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
     print(f"\nmodel: {args.family} {args.size} preset, Ψ = {n:,} parameters, vocab {len(tok)}")
     ratios = {precision: report(precision, r, n, mib) for precision, r in runs.items()}
-    planned = zero_memory_per_device(n, 0, WORKERS)["total"] / zero_memory_per_device(n, 3, WORKERS)["total"]
-    print(f"\nllmos plan (models.zero_memory_per_device, mixed precision) predicts {planned:.2f}; measured "
+    planned = (zero_memory_per_device(n, 0, WORKERS, "bf16")["total"]
+               / zero_memory_per_device(n, 3, WORKERS, "bf16")["total"])
+    print(f"\nllmos plan (models.zero_memory_per_device, bf16) predicts {planned:.2f}; measured "
           + ", ".join(f"{p} {r:.2f}" for p, r in ratios.items()) + f"; ratio= below is {first}'s (goal >= 1.8)")
     print(machine())
     print(f"ratio={ratios[first]:.2f}")

@@ -7,8 +7,6 @@ import logging
 import os
 import sys
 
-from llmos_ray.errors import LlmosError
-
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config file (see jobs/configs/)")
@@ -16,16 +14,17 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help="overrides parsed as YAML, e.g. train.lr=3e-4 'data.paths=[a.txt]'")
 
 
-def _load(args, job: str = "pretrain"):
+def _load(args):
+    """The config of a command's --config and key=value arguments (each command resolves it for its job)."""
     from llmos_ray.config import load_config
 
-    return load_config(args.config, args.overrides, job=job)
+    return load_config(args.config, args.overrides)
 
 
 def cmd_config_show(args) -> None:
     from llmos_ray.config import field_docs
 
-    cfg = _load(args)
+    cfg = _load(args).resolved()
     if args.docs:
         values = _flatten(cfg.to_dict())
         for key, doc in field_docs().items():
@@ -46,27 +45,27 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def cmd_data_prepare(args) -> None:
-    from llmos_ray.data import prepare
+    from llmos_ray.data.prepare import prepare, summary
 
-    prepare(_load(args, "prepare"))
+    print(summary(prepare(_load(args))))
 
 
 def cmd_pretrain(args) -> None:
     from llmos_ray.train import pretrain
 
-    pretrain(_load(args))
+    print("\n" + pretrain(_load(args)).summary())
 
 
 def cmd_finetune(args) -> None:
     from llmos_ray.train.finetune import finetune
 
-    finetune(_load(args, "finetune"))
+    print("\n" + finetune(_load(args)).summary())
 
 
 def cmd_distill(args) -> None:
     from llmos_ray.train.finetune import distill
 
-    distill(_load(args, "distill"))
+    print("\n" + distill(_load(args)).summary())
 
 
 def cmd_export(args) -> None:
@@ -125,7 +124,7 @@ def cmd_evaluate(args) -> None:
     overrides = list(args.overrides)
     if args.model:
         overrides.append("eval.model=" + json.dumps(args.model))
-    report = evaluate(load_config(args.config, overrides, job="evaluate"))
+    report = evaluate(load_config(args.config, overrides))
     print(format_table(report))
     print(f"report: {report['report_path']}")
 
@@ -180,6 +179,14 @@ def cmd_models(args) -> None:
         print(json.dumps(registry.get(args.name, uri).to_dict(), indent=2))
 
 
+CONFIG_COMMANDS = (
+    ("pretrain", "pretrain with Ray Train + DeepSpeed ZeRO", cmd_pretrain),
+    ("finetune", "supervised fine-tuning (full or LoRA) on instruction data", cmd_finetune),
+    ("distill", "train a smaller student against a teacher's logits", cmd_distill),
+)
+"""Commands whose only arguments are --config and key=value overrides."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmos", description="llmos-ray: corpus -> pretrain -> fine-tune -> serve")
     parser.add_argument("--log-level", default=os.environ.get("LLMOS_LOG_LEVEL", "INFO"))
@@ -196,17 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(prep)
     prep.set_defaults(func=cmd_data_prepare)
 
-    p = sub.add_parser("pretrain", help="pretrain with Ray Train + DeepSpeed ZeRO")
-    _config_args(p)
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) on instruction data")
-    _config_args(p)
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("distill", help="train a smaller student against a teacher's logits")
-    _config_args(p)
-    p.set_defaults(func=cmd_distill)
+    for name, text, func in CONFIG_COMMANDS:
+        p = sub.add_parser(name, help=text)
+        _config_args(p)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="turn a checkpoint into a Hugging Face model directory")
     p.add_argument("checkpoint", help="checkpoint directory or URI (checkpoint_* under the run's storage)")
@@ -219,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None, help="GPUs to plan for (default train.num_workers)")
     p.set_defaults(func=cmd_plan)
 
+    _serving_parsers(sub)
+    _cluster_parser(sub)
+    _models_parser(sub)
+    return parser
+
+
+def _serving_parsers(sub) -> None:
     p = sub.add_parser("serve", help="serve models over HTTP (OpenAI API + KServe v2) with Ray Serve")
     _config_args(p)
     p.add_argument("--model", "-m", action="append", default=[], metavar="DIR_OR_NAME",
@@ -227,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accepted API key (repeatable; also LLMOS_API_KEYS, serve.api_keys_file)")
-    p.add_argument("--registry", help="model registry file (default registry.uri, $LLMOS_REGISTRY, ~/.llmos/models.json)")
+    p.add_argument("--registry",
+                   help="model registry file (default registry.uri, $LLMOS_REGISTRY, ~/.llmos/models.json)")
     p.add_argument("--emit-config", metavar="FILE", help="write a Serve config file for serve run/deploy and exit")
     p.set_defaults(func=cmd_serve)
 
@@ -237,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory, fsspec URI or registry name (repeatable; default eval.model)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _cluster_parser(sub) -> None:
     clus = sub.add_parser("cluster", help="a local Ray head for `ray job submit` and the dashboard") \
         .add_subparsers(dest="action", required=True)
     for action, text in (("up", "ray start --head on 127.0.0.1 (dashboard, metrics, token auth)"),
@@ -245,12 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
         c = clus.add_parser(action, help=text)
         c.add_argument("--temp-dir", help="the cluster's Ray temp dir, which identifies it (default /tmp/llmos-ray)")
         if action == "up":
-            c.add_argument("--num-cpus", type=int, help="logical CPUs (default: this machine's + 2, so Ray Data keeps CPUs beside training workers)")
+            c.add_argument("--num-cpus", type=int, help="logical CPUs (default: this machine's + 2, so Ray Data "
+                                                         "keeps CPUs beside training workers)")
             c.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / job API port (default 8265)")
             c.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
             c.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (default 8080)")
         c.set_defaults(func=cmd_cluster)
 
+
+def _models_parser(sub) -> None:
     models = sub.add_parser("models", help="the model library: named models").add_subparsers(dest="action",
                                                                                                required=True)
     for action, text in (("list", "list registered models"), ("register", "add a model"),
@@ -269,23 +282,41 @@ def build_parser() -> argparse.ArgumentParser:
             m.add_argument("--meta", help="extra metadata as a JSON object")
             m.add_argument("--overwrite", action="store_true", help="replace an existing entry")
         m.set_defaults(func=cmd_models)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmos_ray.errors import find_ours
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    _setup_logging(args.log_level.upper())
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:
         args.func(args)
-    except LlmosError as e:
-        print(f"llmos: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("llmos: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a user mistake (ours, even wrapped by Ray) is one line; a bug keeps its traceback
+        ours = find_ours(e)
+        if ours is None:
+            raise
+        print(f"llmos: error: {_one_line(ours)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _setup_logging(level: str) -> None:
+    """Library logs with a time and a source on stderr; progress lines (`llmos_ray.progress`) bare on stdout."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    progress = logging.getLogger("llmos_ray.progress")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    progress.addHandler(handler)
+    progress.propagate = False
+    progress.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def up(num_cpus: Optional[int] = None, temp_dir: Optional[str] = None, dashboard
        port: int = 6379, metrics_port: int = 8080, timeout_s: float = 90.0) -> LocalCluster:
     """`ray start --head` bound to 127.0.0.1, from this interpreter's environment. Ports already
     taken are replaced by free ones (printed). `num_cpus` defaults to the machine's CPUs + 2
-    (4 on 2 cores): Ray Train workers and Ray Data tasks then both find CPUs (a plain 2-CPU Ray hangs the
-    data pipeline, see STACK-NOTES). Refuses to start a second cluster in the same temp dir."""
+    (4 on 2 cores): Ray Train workers and Ray Data tasks then both find CPUs (on a Ray with as many
+    CPUs as cores, workers holding a whole CPU each leave Ray Data's tasks none, and the data
+    pipeline waits forever). Refuses to start a second cluster in the same temp dir."""
     temp_dir = os.path.abspath(temp_dir or DEFAULT_TEMP_DIR)
     existing = status(temp_dir)
     if existing is not None:
@@ -79,6 +80,10 @@ def up(num_cpus: Optional[int] = None, temp_dir: Optional[str] = None, dashboard
     env.pop("RAY_ADDRESS", None)
     # A job's `python …` resolves through the PATH of the process that started the head.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if env["RAY_AUTH_MODE"] == "token" and auth_token() is None:
+        # A fresh machine has no ~/.ray/auth_token until some Ray made one; `ray start` refuses to
+        # make it, `ray get-auth-token --generate` is Ray's documented way.
+        subprocess.run([cmd[0], "get-auth-token", "--generate"], env=env, capture_output=True, timeout=timeout_s)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise ClusterError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -250,6 +255,7 @@ def describe(cluster: LocalCluster) -> str:
         f"  export RAY_ADDRESS={cluster.dashboard_url} RAY_AUTH_MODE=token",
         "  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- "
         "python jobs/pretrain.py --config jobs/configs/pretrain_tiny.yaml",
-        "stop it: llmos cluster down" + ("" if cluster.temp_dir == DEFAULT_TEMP_DIR else f" --temp-dir {cluster.temp_dir}"),
+        "stop it: llmos cluster down"
+        + ("" if cluster.temp_dir == DEFAULT_TEMP_DIR else f" --temp-dir {cluster.temp_dir}"),
     ])
 

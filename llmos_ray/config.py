@@ -3,25 +3,37 @@
     cfg = load_config("jobs/configs/pretrain_tiny.yaml", ["train.lr=3e-4", 'data.paths=["a.txt"]'])
 
 Unknown keys and wrong types are errors at load time that name the key and the closest valid
-one. Each field carries a one-line docstring (`llmos config show --docs` prints them).
+one (the typed-dataclass machinery is `llmos_ray.schema`). Each field carries a one-line docstring
+(`llmos config show --docs` prints them), and each section checks its own values (`validate`).
+`load_config` returns the config as written; an entry point fills in what depends on the job
+(`Config.resolved(job)`: run name, output and storage paths), so one loaded config can drive
+`pretrain` and then `finetune` without the second landing in the first's run.
+
+Why one module: it is the one table of every setting a user can give, section by section, each
+field with its type, default, docstring and checks; the loading machinery lives in `schema`.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
-import difflib
-import inspect
 import os
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from llmos_ray import schema
 from llmos_ray.errors import ConfigError
+from llmos_ray.storage import write_text
+
+
+def _positive(section: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
 
 
 @dataclass
@@ -40,6 +52,10 @@ class RunConfig:
     """Weights & Biases logging: 'auto' is online with WANDB_API_KEY set, offline otherwise."""
     wandb_project: str = "llmos-ray"
     """Weights & Biases project name."""
+
+    def validate(self) -> None:
+        if self.resume == "":
+            raise ConfigError("run.resume must be 'auto', 'never' or a checkpoint URI, got ''")
 
 
 @dataclass
@@ -80,6 +96,15 @@ class DataConfig:
     """At most this many validation blocks are kept."""
     batch_docs: int = 128
     """Documents per Ray Data tokenize-and-pack batch."""
+
+    def validate(self) -> None:
+        _positive("data", self, "seq_len", "vocab_size", "batch_docs", "val_max_blocks", "tokenizer_sample_bytes")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"data.max_documents must be >= 1 or null, got {self.max_documents}")
 
 
 @dataclass
@@ -142,6 +167,18 @@ class TrainConfig:
     export: bool = True
     """Export the final model as a Hugging Face directory under <output_dir>/export."""
 
+    def validate(self) -> None:
+        _positive("train", self, "num_workers", "max_steps", "micro_batch_size", "log_every", "eval_every",
+                  "checkpoint_every", "lr")
+        if self.global_batch_size is not None and self.global_batch_size % (self.micro_batch_size * self.num_workers):
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size * train.num_workers = {self.micro_batch_size * self.num_workers}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ConfigError(f"train.cpus_per_worker must be > 0 or null, got {self.cpus_per_worker}")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -153,6 +190,12 @@ class DeepSpeedConfig:
     """Keep parameters in CPU memory (ZeRO-3 only)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config merged over ours, for settings we do not expose."""
+
+    def validate(self) -> None:
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
 
 
 @dataclass
@@ -214,6 +257,18 @@ class EvalConfig:
     attach_results: bool = True
     """Store the results of models given by registry name in their registry entry."""
 
+    def validate(self) -> None:
+        _positive("eval", self, "batch_size", "num_workers", "max_new_tokens")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"eval.max_length must be >= 2 (or null for the model's context), got {self.max_length}")
+        longest = self.max_length if self.max_length is not None else float("inf")
+        if self.stride is not None and not 1 <= self.stride <= longest:
+            raise ConfigError(f"eval.stride must be in [1, eval.max_length], got {self.stride}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"eval.max_documents must be >= 1 or null, got {self.max_documents}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ConfigError(f"eval.cpus_per_worker must be > 0 or null, got {self.cpus_per_worker}")
+
 
 @dataclass
 class ServedModelOptions:
@@ -237,7 +292,8 @@ class ServedModelOptions:
     max_tokens_limit: int = 1024
     """Per model: cap on max_tokens; larger requests get 400."""
     default_max_tokens: int = 16
-    """Per model: max_tokens of a completion request that sets none (OpenAI's default); chat fills the context up to max_tokens_limit."""
+    """Per model: max_tokens of a completion request that sets none (OpenAI's default); chat fills the context
+    up to max_tokens_limit."""
     engine: Literal["transformers", "vllm"] = "transformers"
     """Per model: generation engine; 'vllm' runs ray.serve.llm's vLLM deployment (GPU, vllm installed)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -263,11 +319,37 @@ class ServedModelOptions:
     safety_max_output_chars: Optional[int] = None
     """Per model: completions are cut at this many characters (finish_reason 'length')."""
 
+    def validate(self, where: str = "serve") -> None:
+        """Check the per-model keys; `where` names them in errors (e.g. "serve (model 'tiny')")."""
+        for key in ("max_ongoing_requests", "max_batch_size", "max_tokens_limit", "default_max_tokens",
+                    "max_replicas"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}: {key} must be > 0, got {getattr(self, key)}")
+        if self.min_replicas < 0 or self.min_replicas > self.max_replicas:
+            raise ConfigError(f"{where}: need 0 <= min_replicas <= max_replicas, got {self.min_replicas} and "
+                              f"{self.max_replicas}")
+        if self.max_queued_requests == 0 or self.max_queued_requests < -1:
+            raise ConfigError(f"{where}: max_queued_requests must be > 0 or -1 (unbounded), got "
+                              f"{self.max_queued_requests}")
+        if self.batch_wait_timeout_s < 0 or self.target_ongoing_requests <= 0:
+            raise ConfigError(f"{where}: batch_wait_timeout_s must be >= 0 and target_ongoing_requests > 0")
+        if self.num_cpus <= 0:
+            raise ConfigError(f"{where}: num_cpus must be > 0, got {self.num_cpus}")
+        if self.quantize == "int8" and self.device == "cuda":
+            raise ConfigError(f"{where}: quantize=int8 is CPU dynamic quantization; use device=cpu or quantize=none")
+        for key in ("safety_input_patterns", "safety_output_patterns"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ConfigError(f"{where}: {key} has an invalid regular expression {pattern!r}: {e}") from None
+
 
 @dataclass
 class ServeConfig(ServedModelOptions):
     models: list[str] = field(default_factory=list)
-    """Models to serve: export directories, fsspec URIs, registry names or hub ids; 'name=SOURCE' sets the served name."""
+    """Models to serve: export directories, fsspec URIs, registry names or hub ids; 'name=SOURCE' sets the
+    served name."""
     host: str = "127.0.0.1"
     """HTTP host."""
     port: int = 8000
@@ -288,6 +370,16 @@ class ServeConfig(ServedModelOptions):
     """Requests one HTTP ingress replica handles at once before the proxy answers 503."""
     model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-model overrides of the 'Per model' keys by served name, e.g. {tiny: {max_replicas: 4, quantize: int8}}."""
+
+    def validate(self, where: str = "serve") -> None:
+        for key in ("port", "max_request_bytes", "ingress_max_ongoing_requests"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"serve.{key} must be > 0, got {getattr(self, key)}")
+        if self.retry_after_s < 0:
+            raise ConfigError(f"serve.retry_after_s must be >= 0, got {self.retry_after_s}")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
+        super().validate(where)
 
 
 @dataclass
@@ -325,8 +417,17 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def validate(self) -> "Config":
+        """Check every section (each knows its own rules); returns self."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
     def resolved(self, job: str = "pretrain") -> "Config":
-        """A copy with derived defaults filled in (run name for `job`, output_dir, storage_path) and checked."""
+        """A copy with what depends on the job filled in — run name (DEFAULT_RUN_NAMES), output_dir,
+        storage_path, local model paths made absolute — and checked."""
         cfg = copy.deepcopy(self)
         if cfg.run.name is None:
             cfg.run.name = DEFAULT_RUN_NAMES.get(job, job)
@@ -342,8 +443,7 @@ class Config:
         cfg.model.base = _abs_if_local(cfg.model.base)
         cfg.distill.teacher = _abs_if_local(cfg.distill.teacher)
         cfg.data.tokenizer = _abs_if_local(cfg.data.tokenizer)
-        _check(cfg)
-        return cfg
+        return cfg.validate()
 
 
 def _abs_if_local(path: Optional[str]) -> Optional[str]:
@@ -357,42 +457,15 @@ DEFAULT_RUN_NAMES = {"pretrain": "default", "prepare": "default"}
 other commands use their own name (runs/finetune, runs/evaluate, …), so they never mix."""
 
 
-def _check(cfg: Config) -> None:
-    """Cross-field rules that a type alone cannot express."""
-    t = cfg.train
-    positive = {
-        "train.num_workers": t.num_workers, "train.max_steps": t.max_steps,
-        "train.micro_batch_size": t.micro_batch_size, "train.log_every": t.log_every,
-        "train.eval_every": t.eval_every, "train.checkpoint_every": t.checkpoint_every,
-        "data.seq_len": cfg.data.seq_len, "data.vocab_size": cfg.data.vocab_size,
-        "data.batch_docs": cfg.data.batch_docs,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * t.num_workers):
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-            f"train.micro_batch_size * train.num_workers = {t.micro_batch_size * t.num_workers}"
-        )
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if not 0 <= cfg.data.max_bad_fraction <= 1:
-        raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
-        raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
-    if cfg.run.resume == "":
-        raise ConfigError("run.resume must be 'auto', 'never' or a checkpoint URI, got ''")
-
-
 # ---------------------------------------------------------------------------------------------
-# Loading: YAML + overrides -> raw dict -> typed dataclasses.
+# Loading: YAML + overrides -> raw dict -> typed dataclasses (llmos_ray.schema) -> validated.
 
 
-def load_config(path: Optional[str] = None, overrides: Union[list[str], tuple[str, ...], dict, None] = None,
-                job: str = "pretrain") -> Config:
+def load_config(path: Optional[str] = None, overrides: Union[list[str], tuple[str, ...], dict, None] = None
+                ) -> Config:
     """Read `path` (YAML; optional), apply `overrides` ("a.b=value" strings or {"a.b": value}),
-    type-check everything and return the Config resolved for `job` (its default run name)."""
+    type-check and validate everything. The result is not yet resolved for a job: `pretrain()`,
+    `finetune()` … call `cfg.resolved(job)` themselves (see the module doc)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -404,202 +477,26 @@ def load_config(path: Optional[str] = None, overrides: Union[list[str], tuple[st
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(raw).__name__}")
-    for key, value in _parse_overrides(overrides):
-        _set_dotted(raw, key, value)
-    return from_dict(raw).resolved(job)
+    for key, value in schema.parse_overrides(overrides):
+        schema.set_dotted(raw, key, value)
+    return from_dict(raw).validate()
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested plain data, rejecting unknown keys and wrong types."""
-    return _build(Config, raw, "")
+    return schema.build(Config, raw)
 
 
-def _parse_overrides(overrides) -> list[tuple[str, Any]]:
-    if not overrides:
-        return []
-    if isinstance(overrides, dict):
-        return list(overrides.items())
-    parsed = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: value {text!r} is not valid YAML: {e}") from None
-        parsed.append((key.strip(), value))
-    return parsed
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _build(cls, raw: Any, prefix: str):
-    where = prefix.rstrip(".") or "config"
-    if isinstance(raw, cls):
-        return raw
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(_unknown_key_message(prefix + str(key), [prefix + n for n in names], cls))
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, hint, prefix + key)
-    return cls(**kwargs)
-
-
-def _unknown_key_message(key: str, valid: list[str], cls) -> str:
-    leaf = key.rsplit(".", 1)[-1]
-    elsewhere = [k for k in all_keys() if k.endswith("." + leaf)]  # train.zero_stage -> deepspeed.zero_stage
-    close = elsewhere or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    names = ", ".join(v.rsplit(".", 1)[-1] for v in valid)
-    return f"unknown config key {key!r}{hint} (valid keys of {cls.__name__}: {names})"
-
-
-def all_keys(cls=Config, prefix: str = "") -> list[str]:
+def all_keys() -> list[str]:
     """Every dotted leaf key of the config, e.g. 'train.lr'."""
-    keys = []
-    for name, hint in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(hint):
-            keys += all_keys(hint, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
+    return schema.all_keys(Config)
 
 
-def _type_name(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(hint))}]"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _coerce(value: Any, hint, key: str):
-    """Return `value` checked against `hint` (ints are accepted for floats)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-
-    def bad():
-        return ConfigError(f"{key}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
-
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
-            return value
-        raise bad()
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise bad()
-    if origin is list:
-        if isinstance(value, str):  # a single path where a list is expected: accept it
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad()
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # a run name of 7 is fine as "7"
-        raise bad()
-    raise bad()
-
-
-def field_docs(cls=Config) -> dict[str, str]:
-    """{'train.lr': 'Peak learning rate (AdamW).', ...} read from the fields' docstrings."""
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(inspect.getmodule(cls)))
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-
-    def walk(klass, prefix):
-        # a section's own fields and those it inherits (ServeConfig's per-model keys), bases first
-        body = [stmt for k in reversed(klass.__mro__) if k.__name__ in classes for stmt in classes[k.__name__].body]
-        hints = typing.get_type_hints(klass)
-        for stmt, nxt in zip(body, body[1:] + [None]):
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                name = stmt.target.id
-                doc = ""
-                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                    doc = str(nxt.value.value)
-                docs[prefix + name] = doc
-                if dataclasses.is_dataclass(hints[name]):
-                    walk(hints[name], f"{prefix}{name}.")
-
-    walk(cls, "")
-    return docs
+def field_docs() -> dict[str, str]:
+    """{'train.lr': 'Peak learning rate (AdamW).', ...}: every key's one-line docstring."""
+    return schema.field_docs(Config)
 
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML (any fsspec URI), atomically for local paths."""
     write_text(path, cfg.to_yaml())
-
-
-def write_text(uri: str, text: str) -> None:
-    """Write a small text file (config, report) at a local path — atomically, so a reader never sees
-    half of it — or at any fsspec URI."""
-    if "://" in uri and not uri.startswith("file://"):
-        import fsspec
-
-        with fsspec.open(uri, "w") as f:
-            f.write(text)
-        return
-    path = uri.removeprefix("file://")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

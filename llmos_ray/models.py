@@ -103,6 +103,24 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, **kwargs
             f"hub ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
 
 
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length")
+
+
+def context_length(config, tokenizer=None) -> int:
+    """Positions a model attends over: its config's position table (n_positions,
+    max_position_embeddings, …), else the tokenizer's model_max_length when it names a real one.
+    ModelError when neither says (set eval.max_length, or a model config that names it)."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    raise ModelError(f"cannot tell the context length of a {getattr(config, 'model_type', 'model')!r} model: its "
+                     f"config has none of {', '.join(CONTEXT_KEYS)}; set eval.max_length or add one to config.json")
+
+
 def eos_token_ids(model, tokenizer) -> frozenset[int]:
     """Every token that ends generation: the model's generation config and config eos ids (an int or
     a list, e.g. a chat model's turn end) and the tokenizer's eos token."""
@@ -209,14 +227,20 @@ def mfu(flops_per_tok: float, tokens_per_s: float, peak_flops_total: float) -> f
     return flops_per_tok * tokens_per_s / peak_flops_total if peak_flops_total > 0 else 0.0
 
 
-def zero_memory_per_device(n_params: int, stage: int, world: int) -> dict[str, float]:
-    """Bytes per device for parameters, gradients and Adam states under mixed-precision ZeRO
-    (Rajbhandari et al.: 2Ψ fp16 params, 2Ψ fp16 grads, 12Ψ fp32 master params + Adam moments)."""
-    p, g, o = 2.0 * n_params, 2.0 * n_params, 12.0 * n_params
+def zero_memory_per_device(n_params: int, stage: int, world: int, precision: str = "bf16") -> dict[str, float]:
+    """Bytes per device for parameters, fp32 master weights, gradients and Adam moments under ZeRO
+    (Rajbhandari et al.). Mixed precision (bf16/fp16): 2Ψ weights + 2Ψ gradients + 4Ψ fp32 master
+    + 8Ψ moments = 16Ψ; fp32: 4Ψ + 4Ψ + 8Ψ (the weights are their own master) = 16Ψ too, split
+    differently. ZeRO-1 partitions master and moments, ZeRO-2 also gradients, ZeRO-3 also weights."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ModelError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    low = 4.0 if precision == "fp32" else 2.0
+    p, g = low * n_params, low * n_params
+    m, o = (0.0 if precision == "fp32" else 4.0 * n_params), 8.0 * n_params
     if stage >= 1:
-        o /= world
+        m, o = m / world, o / world
     if stage >= 2:
         g /= world
     if stage >= 3:
         p /= world
-    return {"params": p, "grads": g, "optimizer": o, "total": p + g + o}
+    return {"params": p, "master": m, "grads": g, "optimizer": o, "total": p + m + g + o}

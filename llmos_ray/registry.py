@@ -5,6 +5,9 @@
     registry.attach_eval("tiny-v1", {"perplexity": 41.2})
     registry.get("tiny-v1").uri          # what `llmos serve --model tiny-v1` loads
 
+`resolve_source` says what any model reference a user types means (a directory, an fsspec URI,
+a registry name or a hub id), for serving and evaluation alike.
+
 The file lives at any fsspec URI: `registry.uri` in the config, else $LLMOS_REGISTRY, else
 ~/.llmos/models.json. Local writes are atomic (temporary file + rename) and serialized with a lock
 file; an object store write is one PUT, so readers never see half a file (concurrent writers to an
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from llmos_ray.errors import ConfigError, ModelError
+from llmos_ray.storage import is_remote, write_text
 
 ENV_VAR = "LLMOS_REGISTRY"
 DEFAULT_URI = "~/.llmos/models.json"
@@ -147,12 +151,8 @@ def _missing(name: str, models: dict, uri: str) -> str:
     return f"no model named {name!r} in the registry {uri}{hint} (`llmos models list` shows them)"
 
 
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
 def _normalize_model_uri(uri: str) -> str:
-    if _is_remote(uri):
+    if is_remote(uri):
         return uri
     path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
     if not os.path.isdir(path):
@@ -164,7 +164,7 @@ def _normalize_model_uri(uri: str) -> str:
 
 
 def _read_family(uri: str) -> Optional[str]:
-    if _is_remote(uri):
+    if is_remote(uri):
         return None
     for name, key in (("config.json", "model_type"), ("adapter_config.json", "base_model_name_or_path")):
         path = os.path.join(uri, name)
@@ -191,20 +191,7 @@ def _read(uri: str) -> dict[str, dict]:
 
 
 def _write(uri: str, models: dict[str, dict]) -> None:
-    import fsspec
-
-    text = json.dumps({"version": FORMAT_VERSION, "models": models}, indent=2, sort_keys=True) + "\n"
-    if _is_remote(uri):
-        with fsspec.open(uri, "w") as f:  # one PUT on close: readers see the old or the new file
-            f.write(text)
-        return
-    os.makedirs(os.path.dirname(uri), exist_ok=True)
-    tmp = f"{uri}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, uri)
+    write_text(uri, json.dumps({"version": FORMAT_VERSION, "models": models}, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager
@@ -219,7 +206,7 @@ def _editing(registry: Optional[str]) -> Iterator[dict[str, dict]]:
 
 @contextlib.contextmanager
 def _lock(uri: str):
-    if _is_remote(uri):
+    if is_remote(uri):
         yield
         return
     import fcntl
@@ -231,3 +218,59 @@ def _lock(uri: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model reference means
+
+
+def resolve_source(source: str, registry: Optional[str] = None) -> tuple[str, Optional[str], Optional[dict]]:
+    """(uri, base_uri for LoRA adapters, registry entry) for a directory, fsspec URI, registry name
+    or hub id; ModelError naming close registry names when it is none of them."""
+    path = os.path.expanduser(source.removeprefix("file://"))
+    entry = None
+    if is_remote(source):
+        uri = source
+    elif os.path.isdir(path):
+        uri = os.path.abspath(path)
+    elif NAME_RE.match(source) and exists(source, registry):
+        entry = get(source, registry).to_dict()
+        uri = entry["uri"]
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        uri = source  # a hub id such as org/model; loading tells whether it exists
+    else:
+        known = [e.name for e in list_models(registry)]
+        close = difflib.get_close_matches(source, known, n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ModelError(f"model {source!r} is neither a directory nor a name in the registry "
+                         f"{registry_uri(registry)}{hint}")
+    base = adapter_base(uri)
+    if base is not None:
+        base, _, _ = resolve_source(base, registry)
+    return uri, base, entry
+
+
+def adapter_base(uri: str) -> Optional[str]:
+    """The base model named in a local LoRA adapter directory's adapter_config.json, else None."""
+    if "://" in uri:
+        return None
+    cfg_path = os.path.join(uri, "adapter_config.json")
+    if not os.path.isfile(cfg_path) or os.path.isfile(os.path.join(uri, "config.json")):
+        return None
+    with open(cfg_path) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"LoRA adapter {uri} names no base_model_name_or_path in adapter_config.json")
+    beside = os.path.normpath(os.path.join(uri, base))  # a relative base is relative to the adapter
+    if not os.path.isabs(base) and not os.path.isdir(base) and os.path.isdir(beside):
+        return beside
+    return base
+
+
+def default_name(source: str) -> str:
+    """A short name for a model reference: the directory's name (its parent's for .../export,
+    .../model), or a hub id's last part. What `serve` and `evaluate` call a model given by path."""
+    parts = [p for p in re.split(r"[/\\]", source.split("://")[-1]) if p not in ("", ".")]
+    if len(parts) >= 2 and parts[-1] in ("export", "model", "final", "hf"):
+        return parts[-2]
+    return parts[-1] if parts else source

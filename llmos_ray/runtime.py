@@ -11,13 +11,14 @@ log = logging.getLogger(__name__)
 WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None) -> bool:
     """Connect to the running cluster (RAY_ADDRESS, or inside a Ray job) or start a local Ray.
-    Does nothing when Ray is already initialised (a driver script or a test did it)."""
+    Does nothing when Ray is already initialised (a driver script or a test did it). Returns
+    whether this call initialised Ray (then the caller may shut it down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     for key in ("WANDB_API_KEY", "WANDB_MODE", "HF_TOKEN", "HF_HUB_OFFLINE", "DS_ACCELERATOR",
                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -32,12 +33,15 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=None)
     log.info("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
+    return True
 
 
 def worker_resources(cpus_per_worker: float | None, num_workers: int, use_gpu: bool) -> dict:
     """CPUs per training worker. Unless the config fixes it: at most 1, and never so many that Ray Data
-    is left without a CPU — on a 2-CPU machine 2 workers get 0.5 each (a full CPU each hangs the
-    data pipeline forever; see STACK-NOTES)."""
+    is left without a CPU — on a 2-CPU machine 2 workers get 0.5 each. With a full CPU each, Ray
+    Train v2 reserves every CPU for its workers and Ray Data's read and map tasks never get one: the
+    data pipeline waits forever ("Cluster resources are not enough to run any task"), whatever Ray
+    Data's resource limits say."""
     import ray
 
     if cpus_per_worker is None:

@@ -1,8 +1,8 @@
 """Shared fixtures: one Ray instance for the session, a tiny tokenizer and a tiny exported model.
 
 Ray gets 4 logical CPUs on this 2-core machine: Train workers and Ray Data tasks then both find
-CPUs (see ../shared/STACK-NOTES.md). A test that proves the 2-CPU defaults never hang starts its
-own Ray in a subprocess.
+CPUs (with 2, workers holding a CPU each would leave Ray Data's tasks none). A test that proves the
+2-CPU defaults never hang starts its own Ray in a subprocess.
 """
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RAY_NUM_CPUS = 4
+FAST = os.environ.get("LLMOS_TEST_FAST") == "1"
+"""`make test-fast`: unit tests only; a test that starts Ray there is a mistake (mark it slow)."""
+CLUSTER_FIXTURES = {"ray_session", "only_ray_on_this_machine", "s3_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs Ray or the S3 server is slow, whether or not its module says so."""
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +65,9 @@ def s3_bucket(s3_server, request):
 
 def start_session_ray():
     import ray
+
+    if FAST:
+        raise RuntimeError("a test run by `make test-fast` started Ray: mark it @pytest.mark.slow")
 
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "AWS_ENDPOINT_URL",

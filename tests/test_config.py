@@ -22,7 +22,9 @@ def test_repo_has_configs():
 def test_every_yaml_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.run.output_dir and cfg.run.storage_path
+    job = os.path.basename(path).split("_")[0]
+    resolved = cfg.resolved(job)
+    assert resolved.run.output_dir and resolved.run.storage_path
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
@@ -86,10 +88,19 @@ def test_every_field_has_a_docstring():
 
 
 def test_defaults_resolve_paths():
-    cfg = load_config(None, ["run.name=x", "run.output_dir=/tmp/out"])
+    cfg = load_config(None, ["run.name=x", "run.output_dir=/tmp/out"]).resolved()
     assert cfg.run.storage_path == "/tmp/out/checkpoints"
-    s3 = load_config(None, ["run.storage_path=s3://bucket/ckpt"])
+    s3 = load_config(None, ["run.storage_path=s3://bucket/ckpt"]).resolved()
     assert s3.run.storage_path == "s3://bucket/ckpt"
+
+
+def test_a_loaded_config_is_resolved_by_each_job_for_itself():
+    """One loaded config drives pretrain and then finetune without the second landing in the first's run."""
+    cfg = load_config(None, ["train.max_steps=5"])
+    assert cfg.run.name is None and cfg.run.output_dir is None
+    assert cfg.resolved("pretrain").run.name == "default"
+    assert cfg.resolved("finetune").run.name == "finetune"
+    assert cfg.resolved("finetune").run.output_dir.endswith(os.path.join("runs", "finetune"))
 
 
 def test_config_show_cli_prints_resolved_config(tmp_path):

@@ -4,9 +4,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmos_ray.models import (PRESETS, count_parameters, flops_per_token, gpu_peak_flops, load_pretrained, mfu,
-                              param_counts, preset_config, zero_memory_per_device)
 from llmos_ray.errors import ModelError
+from llmos_ray.models import (
+    PRESETS,
+    count_parameters,
+    flops_per_token,
+    gpu_peak_flops,
+    load_pretrained,
+    mfu,
+    param_counts,
+    preset_config,
+    zero_memory_per_device,
+)
 
 
 @pytest.mark.parametrize("family", sorted(PRESETS))

@@ -99,7 +99,7 @@ def test_registry_on_s3(s3, tiny_model_dir):
 
 
 def test_serving_loads_an_export_from_s3(s3, tiny_model_dir, tmp_path, monkeypatch):
-    from llmos_ray.serve.engine import localize
+    from llmos_ray.storage import localize
 
     s3, bucket = s3
     s3.put(tiny_model_dir.rstrip("/") + "/", f"{bucket}/exports/tiny", recursive=True)

@@ -13,17 +13,17 @@
 (`llmos data prepare`). See pipeline.py for the stages and documents.py for the accounting.
 """
 
+from llmos_ray.data.corpus import resolve_corpus
 from llmos_ray.data.documents import iter_documents
 from llmos_ray.data.pack import BlockStream, iter_blocks, pack_blocks, pack_documents
-from llmos_ray.data.pipeline import (data_errors, documents_dataset, has_validation, ingest_options,
-                                     packed_dataset)
+from llmos_ray.data.pipeline import documents_dataset, has_validation, ingest_options, packed_dataset
 from llmos_ray.data.prepare import prepare
-from llmos_ray.data.sources import list_sources, resolve_corpus
+from llmos_ray.data.sources import list_sources
 from llmos_ray.data.stats import corpus_stats
 from llmos_ray.data.tokenizer import get_tokenizer, load_tokenizer, tokenizer_dir, train_tokenizer
 
 __all__ = [
     "list_sources", "resolve_corpus", "iter_documents", "documents_dataset", "packed_dataset", "iter_blocks",
     "BlockStream", "pack_documents", "pack_blocks", "get_tokenizer", "load_tokenizer", "train_tokenizer",
-    "tokenizer_dir", "prepare", "corpus_stats", "ingest_options", "has_validation", "data_errors",
+    "tokenizer_dir", "prepare", "corpus_stats", "ingest_options", "has_validation"
 ]

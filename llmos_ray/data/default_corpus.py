@@ -13,6 +13,7 @@ import os
 import sysconfig
 
 from llmos_ray.data.sources import Source
+from llmos_ray.errors import DataError
 
 SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples")
@@ -49,5 +50,5 @@ def sample_path(name: str = "tiny.jsonl") -> str:
     path = os.path.join(SAMPLES_DIR, name)
     if not os.path.exists(path):
         have = ", ".join(sorted(os.listdir(SAMPLES_DIR)))
-        raise FileNotFoundError(f"no sample {name!r} in {SAMPLES_DIR} (have: {have})")
+        raise DataError(f"no sample {name!r} in {SAMPLES_DIR} (have: {have})")
     return path

@@ -26,7 +26,8 @@ from typing import Iterable, Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmos_ray.data.sources import Corpus, read_records, resolve_corpus
+from llmos_ray.data.corpus import resolve_corpus
+from llmos_ray.data.sources import Corpus, read_records
 
 READ_SCHEMA = pa.schema([
     ("file", pa.int32()),        # index into Corpus.sources
@@ -46,9 +47,12 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def is_held_out(text: str, val_fraction: float) -> bool:
-    """Whether a (stripped) document goes to the validation split under data.val_fraction."""
-    return int.from_bytes(text_key(text)[:8], "big") < _threshold(val_fraction)
+def is_held_out(key: str, fraction: float) -> bool:
+    """Whether the record with `key` is held out, for a share `fraction` of all keys: the first 8
+    bytes of `text_key(key)` as an integer fall below fraction * 2**64. The one split rule of the
+    project: a document's key is its stripped text (data.val_fraction), an instruction example's
+    its function's qualified name or its file and line."""
+    return int.from_bytes(text_key(key)[:8], "big") < _threshold(fraction)
 
 
 def _threshold(val_fraction: float) -> int:

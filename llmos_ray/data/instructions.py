@@ -3,16 +3,16 @@
 Every documented function becomes one chat example — the user gives the function's code (its
 docstring removed) and asks what it does; the assistant answers with the docstring's first
 sentence. A stable hash of the function's qualified name holds out `VAL_FRACTION` of them for
-evaluation. Same Python, same examples, on every machine.
+evaluation (`documents.is_held_out`). Same Python, same examples, on every machine.
 """
 
 from __future__ import annotations
 
 import ast
-import hashlib
 from typing import Iterator
 
 from llmos_ray.data.default_corpus import stdlib_sources
+from llmos_ray.data.documents import is_held_out
 
 VAL_FRACTION = 0.05
 MAX_CODE_CHARS = 400
@@ -56,10 +56,6 @@ def _functions(path: str, module: str) -> Iterator[tuple[str, str, str]]:
     yield from visit(tree, "")
 
 
-def is_held_out(name: str) -> bool:
-    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64 < VAL_FRACTION
-
-
 def stdlib_instructions(split: str = "train", limit: int | None = None) -> list[dict]:
     """Chat records {"messages": [...], "name": ...} of the default set's `split` ("train"/"val")."""
     out = []
@@ -67,7 +63,7 @@ def stdlib_instructions(split: str = "train", limit: int | None = None) -> list[
         path = source.uri.removeprefix("file://")
         module = path.rsplit("/", 1)[-1][:-3]
         for name, code, summary in _functions(path, module):
-            if is_held_out(name) != (split == "val"):
+            if is_held_out(name, VAL_FRACTION) != (split == "val"):
                 continue
             out.append({"name": name, "messages": [{"role": "user", "content": PROMPT.format(code=code)},
                                                    {"role": "assistant", "content": summary}]})

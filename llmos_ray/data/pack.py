@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from llmos_ray.errors import DataError
+
 
 def pack_documents(token_ids: Sequence[Sequence[int]], eos_id: int, block_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Join documents (each + `eos_id`) and cut them into rows of `block_len` tokens.
@@ -30,7 +32,7 @@ def pack_documents(token_ids: Sequence[Sequence[int]], eos_id: int, block_len: i
     ends = np.cumsum(lengths)
     total = int(ends[-1]) if len(ends) else 0
     if total >= 2**31:
-        raise ValueError(f"a batch of {total} tokens is too large for int32 offsets; lower data.batch_docs")
+        raise DataError(f"a batch of {total} tokens is too large for int32 offsets; lower data.batch_docs")
     values = np.empty(total, dtype=np.int32)
     starts = ends - lengths
     for start, ids in zip(starts.tolist(), token_ids):
@@ -77,7 +79,7 @@ class BlockStream:
                 if size == n:
                     block = row
                 elif size > n:
-                    raise ValueError(f"a packed row has {size} tokens, more than block_len={n}: the data was "
+                    raise DataError(f"a packed row has {size} tokens, more than block_len={n}: the data was "
                                      f"packed with another data.seq_len")
                 else:
                     carry.append(row)

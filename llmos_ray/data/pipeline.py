@@ -16,13 +16,12 @@ streams the rows (`iter_batches`, or Ray Train's `get_dataset_shard` / `streamin
 joins the tail rows with `llmos_ray.data.iter_blocks`. Ray Train replaces a dataset's execution options with its own
 `DataConfig`'s: pass `ray.train.DataConfig(execution_options=ingest_options())` to keep the order.
 
-Bad files raise `DataError` inside a Ray task; wrap consumption in `data_errors()` to get the
-`DataError` itself rather than Ray's wrapper with the remote traceback.
+Bad files raise `DataError` inside a Ray task; wrap consumption in `errors.reraise_ours()` to get
+the `DataError` itself rather than Ray's wrapper with the remote traceback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -34,11 +33,12 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
+from llmos_ray.data.corpus import resolve_corpus
 from llmos_ray.data.documents import READ_SCHEMA, Ledger, read_blocks, record_limit
 from llmos_ray.data.pack import pack_documents
-from llmos_ray.data.sources import Corpus, Source, resolve_corpus
+from llmos_ray.data.sources import Corpus, Source
 from llmos_ray.data.stats import stats_actor
-from llmos_ray.errors import DataError, LlmosError
+from llmos_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -269,28 +269,3 @@ class TokenizeAndPack:
         values, offsets = pack_documents(self.encode(texts), self.eos_id, self.block_len)
         return pa.Table.from_arrays([pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))],
                                     schema=PACKED_SCHEMA)
-
-
-@contextlib.contextmanager
-def data_errors():
-    """Re-raise an LlmosError (e.g. DataError) raised inside a Ray task as itself."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - re-raised unchanged unless it wraps one of ours
-        cause = _llmos_cause(e)
-        if cause is None or cause is e:
-            raise
-        raise cause from None
-
-
-def _llmos_cause(e: Optional[BaseException]) -> Optional[LlmosError]:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "cause", None)  # RayTaskError keeps the remote exception here
-        if isinstance(inner, LlmosError):
-            return inner
-        if isinstance(e, LlmosError) and type(e).__module__.startswith("llmos_ray"):
-            return e
-        e = inner if isinstance(inner, BaseException) else e.__cause__
-    return None

@@ -32,14 +32,16 @@ _SUMMED = ("records", "documents", "train_documents", "val_documents", "dropped_
 
 def prepare(cfg) -> dict:
     """Run the corpus pipeline for `cfg` and write tokenizer, packed splits and stats.json (see
-    module doc). Returns the stats; prints a summary and the next command."""
+    module doc). Returns the stats (`summary(stats)` says what was written and the next command)."""
     import fsspec
 
     from llmos_ray.config import save_config
-    from llmos_ray.data.pipeline import data_errors, has_validation
-    from llmos_ray.data.sources import resolve_corpus
+    from llmos_ray.data.corpus import resolve_corpus
+    from llmos_ray.data.pipeline import has_validation
     from llmos_ray.data.stats import corpus_stats
     from llmos_ray.data.tokenizer import get_tokenizer, tokenizer_dir
+    from llmos_ray.errors import reraise_ours
+    from llmos_ray.runtime import init_ray
 
     cfg = cfg.resolved()
     start = time.time()
@@ -48,8 +50,8 @@ def prepare(cfg) -> dict:
     if fs.exists(f"{root}/stats.json"):
         fs.rm(f"{root}/stats.json")
     save_config(cfg, f"{out}/config.yaml")
-    _ensure_ray()
-    with data_errors():
+    init_ray()
+    with reraise_ours():
         tokenizer = get_tokenizer(cfg)
         train = _write_split(cfg, tokenizer, "train", f"{out}/data/train")
         counts = corpus_stats(cfg, "train")
@@ -82,18 +84,11 @@ def prepare(cfg) -> dict:
         "bad_count_by_file": counts.get("bad_count_by_file", {}),
         "bad_by_file": counts.get("bad_by_file", {}),
         "seconds": round(seconds, 2), "tokens_per_second": round(train["tokens"] / max(seconds, 1e-9)),
+        "output_dir": out,
     }
     with fs.open(f"{root}/stats.json", "w") as f:
         json.dump(stats, f, indent=2)
-    print(_summary(stats, out))
     return stats
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
 
 
 def _write_split(cfg, tokenizer, split: str, dest: str) -> dict:
@@ -156,7 +151,9 @@ def _describe(counts: dict, cfg) -> str:
             f"{counts.get('duplicates', 0)} duplicates, {counts.get('val_documents', 0)} held out for validation")
 
 
-def _summary(s: dict, out: str) -> str:
+def summary(s: dict) -> str:
+    """The stats of `prepare` for the terminal: what was kept and dropped, where it went, what next."""
+    out = s["output_dir"]
     lines = [
         f"corpus     {s['corpus']}",
         f"documents  {s['documents']:,} kept ({s['train_documents']:,} train, {s['val_documents']:,} val) of "

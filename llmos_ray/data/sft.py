@@ -8,7 +8,8 @@ Formats (detected per record, or fixed with finetune.format):
 Only what the assistant writes carries loss. An example is one row of two int32 arrays of
 seq_len + 1: the tokens (right-padded with the pad id) and the loss mask. Over-long examples keep
 their last seq_len + 1 tokens — the final answer survives, the start of the context goes (counted
-as `truncated`); one left with no target token is dropped (counted as `no_target`). Records that fit no format are bad records, counted with file and line.
+as `truncated`); one left with no target token is dropped (counted as `no_target`). Records that
+fit no format are bad records, counted with file and line.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from llmos_ray.errors import DataError
+from llmos_ray.storage import protocol
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def filesystem(uri: str, storage_options: Optional[dict[str, dict[str, Any]]] = 
     """(fsspec filesystem, path without protocol) for `uri`, with that protocol's options."""
     import fsspec
 
-    opts = dict((storage_options or {}).get(_protocol(uri), {}))
+    opts = dict((storage_options or {}).get(protocol(uri), {}))
     try:
         return fsspec.core.url_to_fs(uri, **opts)
     except ImportError as e:
@@ -307,7 +308,7 @@ def open_source(corpus: Corpus, source: Source):
     import fsspec
 
     with fsspec.open(source.uri, "rb", compression=compression,
-                     **corpus.storage_options.get(_protocol(source.uri), {})) as f:
+                     **corpus.storage_options.get(protocol(source.uri), {})) as f:
         yield f
 
 
@@ -328,10 +329,6 @@ def _lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
             yield line + b"\n"
     if pending and (last := b"".join(pending)):
         yield last
-
-
-def _protocol(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
 def _decoded(line: int, raw: bytes) -> Record:
@@ -437,7 +434,7 @@ def _hf_records(corpus: Corpus, source: Source) -> Iterator[Record]:
         return
     path = source.uri.removeprefix("file://")
     try:
-        ds = datasets.load_from_disk(path, storage_options=corpus.storage_options.get(_protocol(source.uri)))
+        ds = datasets.load_from_disk(path, storage_options=corpus.storage_options.get(protocol(source.uri)))
     except (OSError, ValueError) as e:
         raise DataError(f"{source.uri}: cannot load the saved dataset: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -452,48 +449,3 @@ def _hf_records(corpus: Corpus, source: Source) -> Iterator[Record]:
     for start in range(0, len(table), 10_000):
         for i, v in enumerate(table[start:start + 10_000].column(0).to_pylist(), start + 1):
             yield _checked(i, v, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Which corpus a config means
-
-
-def resolve_corpus(data, split: str = "train") -> Corpus:
-    """The corpus `data` (a DataConfig) names for `split`: `data.val_paths` for 'val' when set,
-    else `data.paths`, else the default corpus (the Python standard library)."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    storage_options = _checked_storage_options(data.storage_options)
-    options = dict(text_field=data.text_field, txt_mode=data.txt_mode, hf_split=data.hf_split,
-                   max_bad_fraction=data.max_bad_fraction, storage_options=storage_options)
-    paths = data.val_paths if split == "val" and data.val_paths else data.paths
-    if not paths:
-        from llmos_ray.data.default_corpus import stdlib_root, stdlib_sources
-
-        sources = stdlib_sources()
-        options["txt_mode"] = "file"
-        return Corpus(sources, **options,
-                      description=f"default corpus: {len(sources)} Python standard library files under {stdlib_root()}")
-    sources = expand_sources(paths, data.format, storage_options)
-    snapshots = {}
-    for s in sources:
-        if _protocol(s.uri) in PROCESS_LOCAL_PROTOCOLS:
-            if s.format == "hf":
-                raise DataError(f"{s.uri}: saved datasets on {_protocol(s.uri)}:// cannot be read by Ray workers")
-            fs, path = filesystem(s.uri, storage_options)
-            snapshots[s.uri] = fs.cat_file(path)
-    total = sum(s.size for s in sources)
-    return Corpus(sources, **options, snapshots=snapshots,
-                  description=f"{len(sources)} source(s), {total / 1e6:.1f} MB, from {', '.join(paths[:3])}"
-                              f"{' …' if len(paths) > 3 else ''}")
-
-
-def _checked_storage_options(options: dict) -> dict[str, dict[str, Any]]:
-    import fsspec
-
-    known = set(fsspec.available_protocols())
-    for key, value in (options or {}).items():
-        if key not in known or not isinstance(value, dict):
-            raise DataError(f"data.storage_options is keyed by protocol, e.g. "
-                            f"{{s3: {{endpoint_url: 'http://localhost:9000'}}}}; got key {key!r}")
-    return dict(options or {})

@@ -54,8 +54,9 @@ def stats_actor(run_name: str, split: str):
     borrow it), so this process keeps the handle it created, per Ray session, for the job's life."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # what creating the actor would do implicitly
+    from llmos_ray.runtime import init_ray
+
+    init_ray()  # what creating the actor would do implicitly, but as every llmos command starts Ray
     name = actor_name(run_name, split)
     context = ray.get_runtime_context()
     key = (context.gcs_address, context.namespace, context.get_job_id(), name)

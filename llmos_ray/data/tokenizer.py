@@ -15,6 +15,7 @@ import time
 from typing import Iterable, Iterator, Optional
 
 from llmos_ray.errors import DataError
+from llmos_ray.storage import cache_dir, is_remote, local_path, localize, upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,8 @@ def get_tokenizer(cfg):
     if data.tokenizer:
         return load_tokenizer(data.tokenizer)
     out = tokenizer_dir(cfg)
-    remote = "://" in out and not out.startswith("file://")
-    local = _local_cache(out) if remote else out.removeprefix("file://")
-    if _is_saved(out, remote):
-        if remote:
-            _copy(out, local, download=True)
+    if _is_saved(out):
+        local = localize(out, "tokenizers", refresh=True)
         tok = load_tokenizer(local)
         _warn_if_changed(local, data, out)
         log.info("tokenizer: reusing %s (%d tokens)", out, len(tok))
@@ -138,9 +136,10 @@ def get_tokenizer(cfg):
     metadata = {"vocab_size": data.vocab_size, "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
                 "sample_documents": sample.documents, "sample_bytes": sample.bytes,
                 "seconds": round(time.time() - start, 2)}
+    local = cache_dir("tokenizers", out) if is_remote(out) else local_path(out)
     save_tokenizer(tok, local, metadata)
-    if remote:
-        _copy(local, out, download=False)
+    if is_remote(out):
+        upload_dir(local, out)
     log.info("tokenizer: trained %d tokens on %d documents (%.1f MB) in %.1f s -> %s", len(tok), sample.documents,
              sample.bytes / 1e6, time.time() - start, out)
     return load_tokenizer(local)
@@ -162,32 +161,13 @@ class _Sample:
             yield text
 
 
-def _is_saved(out: str, remote: bool) -> bool:
-    if not remote:
-        return os.path.isfile(os.path.join(out.removeprefix("file://"), "tokenizer_config.json"))
+def _is_saved(out: str) -> bool:
+    if not is_remote(out):
+        return os.path.isfile(os.path.join(local_path(out), "tokenizer_config.json"))
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(out)
     return fs.exists(f"{path}/tokenizer_config.json")
-
-
-def _local_cache(uri: str) -> str:
-    import hashlib
-
-    root = os.path.join(os.path.expanduser("~"), ".cache", "llmos-ray", "tokenizers")
-    return os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16])
-
-
-def _copy(src: str, dst: str, download: bool) -> None:
-    import fsspec
-
-    if download:
-        fs, path = fsspec.core.url_to_fs(src)
-        os.makedirs(dst, exist_ok=True)
-        fs.get(path.rstrip("/") + "/", dst.rstrip("/") + "/", recursive=True)
-    else:
-        fs, path = fsspec.core.url_to_fs(dst)
-        fs.put(src.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
 
 
 def _warn_if_changed(local: str, data, where: str) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from llmos_ray.eval.metrics import context_length
-from llmos_ray.models import eos_token_ids
+from llmos_ray.errors import ConfigError, DataError, ModelError
+from llmos_ray.models import context_length, eos_token_ids
 
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,
@@ -25,17 +25,17 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = eos_token_ids(model, tokenizer)
     if not eos:
-        raise ValueError("neither the model nor the tokenizer names an eos token")
+        raise ModelError("neither the model nor the tokenizer names an eos token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    room = context_length(model) - max_new_tokens
+    room = context_length(model.config) - max_new_tokens
     if room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of "
-                         f"{context_length(model)} tokens")
+        raise ConfigError(f"eval.max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of "
+                         f"{context_length(model.config)} tokens")
     encoded = tokenizer(list(prompts))["input_ids"]
     truncated = [len(ids) > room for ids in encoded]
     encoded = [ids[-room:] if len(ids) > room else ids for ids in encoded]
     if any(not ids for ids in encoded):
-        raise ValueError("an empty prompt encodes to no tokens; give the model something to continue")
+        raise DataError("a task prompt encodes to no tokens; give the model something to continue")
     generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=pad, eos_token_id=sorted(eos),
                                   stop_strings=list(stop) or None)

@@ -20,15 +20,8 @@ import math
 import re
 from typing import Optional, Sequence
 
-
-def context_length(model) -> int:
-    """Positions the model can attend over (n_positions / max_position_embeddings)."""
-    config = model.config
-    for key in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ValueError(f"cannot tell the context length of {type(model).__name__}; set eval.max_length")
+from llmos_ray.errors import ModelError
+from llmos_ray.models import context_length
 
 
 def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -56,11 +49,11 @@ def document_nll(model, tokenizer, texts: Sequence[str], max_length: Optional[in
     model's context, `stride` to half of it; windows of all documents are batched together."""
     import torch
 
-    max_length = max_length or context_length(model)
+    max_length = max_length or context_length(model.config)
     stride = stride or max(1, max_length // 2)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:
-        raise ValueError("the tokenizer has neither a bos nor an eos token to start documents with")
+        raise ModelError("the tokenizer has neither a bos nor an eos token to start documents with")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     results = [{"nll": 0.0, "tokens": 0, "bytes": len(t.encode("utf-8")), "words": _count_words(t)} for t in texts]
@@ -120,7 +113,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: Optional[int]
 
     Returns {"perplexity", "mean_nll", "nll", "tokens", "documents", "bytes", "words",
     "bits_per_byte", "byte_perplexity", "word_perplexity", "max_length", "stride"}."""
-    max_length = max_length or context_length(model)
+    max_length = max_length or context_length(model.config)
     stride = stride or max(1, max_length // 2)
     out = summarize_nll(document_nll(model, tokenizer, texts, max_length, stride, batch_size))
     return {**out, "max_length": max_length, "stride": stride}

@@ -46,9 +46,10 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from llmos_ray.config import Config, write_text
-from llmos_ray.errors import ConfigError, DataError, ModelError
+from llmos_ray.config import Config
+from llmos_ray.errors import ConfigError, DataError, ModelError, reraise_ours
 from llmos_ray.eval.metrics import bleu, rouge, summarize_nll
+from llmos_ray.storage import write_text
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +150,9 @@ def default_task_file(model_dir: str, out_dir: str) -> str:
 
 
 def _check(cfg: Config) -> None:
-    ev = cfg.eval
-    if not ev.model:
+    if not cfg.eval.model:
         raise ConfigError("eval.model is empty: name at least one model directory or registry name "
                           "(llmos evaluate --model DIR_OR_NAME, or eval.model=[a,b])")
-    for key in ("batch_size", "num_workers", "max_new_tokens"):
-        if getattr(ev, key) <= 0:
-            raise ConfigError(f"eval.{key} must be > 0, got {getattr(ev, key)}")
-    if ev.max_length is not None and ev.max_length < 2:
-        raise ConfigError(f"eval.max_length must be >= 2 (or null for the model's context), got {ev.max_length}")
-    if ev.stride is not None and (ev.stride < 1 or (ev.max_length is not None and ev.stride > ev.max_length)):
-        raise ConfigError(f"eval.stride must be in [1, eval.max_length], got {ev.stride}")
-    if ev.max_documents is not None and ev.max_documents < 1:
-        raise ConfigError(f"eval.max_documents must be >= 1 or null, got {ev.max_documents}")
-    if ev.cpus_per_worker is not None and ev.cpus_per_worker <= 0:
-        raise ConfigError(f"eval.cpus_per_worker must be > 0 or null, got {ev.cpus_per_worker}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +162,7 @@ def _check(cfg: Config) -> None:
 def resolve_models(cfg: Config) -> list[dict]:
     """One {"label", "source", "uri", "base_uri", "registry_name"} per eval.model entry; labels are
     short (a registry name, a directory's name) and unique."""
-    from llmos_ray.serve.spec import resolve_source
+    from llmos_ray.registry import default_name, resolve_source
 
     models, labels = [], set()
     for source in cfg.eval.model:
@@ -182,7 +171,7 @@ def resolve_models(cfg: Config) -> list[dict]:
                 os.path.isfile(os.path.join(uri, f)) for f in ("config.json", "adapter_config.json")):
             raise ModelError(f"model directory {uri} has no config.json: is it a Hugging Face export? "
                              "(`llmos export CHECKPOINT DIR` makes one)")
-        label = base_label = entry["name"] if entry else _short_name(source)
+        label = base_label = entry["name"] if entry else default_name(source)
         n = 1
         while label in labels:
             n += 1
@@ -191,14 +180,6 @@ def resolve_models(cfg: Config) -> list[dict]:
         models.append({"label": label, "source": source, "uri": uri, "base_uri": base,
                        "registry_name": entry["name"] if entry else None})
     return models
-
-
-def _short_name(source: str) -> str:
-    """A directory's name (its parent's for .../export, .../model), or a hub id's last part."""
-    parts = [p for p in re.split(r"[/\\]", source.split("://")[-1]) if p not in ("", ".")]
-    if len(parts) >= 2 and parts[-1] in ("export", "model", "final", "hf"):
-        return parts[-2]
-    return parts[-1] if parts else source
 
 
 def worker_resources(cfg: Config) -> tuple[dict, int]:
@@ -226,7 +207,7 @@ def worker_resources(cfg: Config) -> tuple[dict, int]:
 
 def perplexity_documents(cfg: Config):
     """(Ray Dataset of INPUT_SCHEMA rows, materialized, or None; what was read and skipped)."""
-    from llmos_ray.data import corpus_stats, data_errors, documents_dataset, has_validation
+    from llmos_ray.data import corpus_stats, documents_dataset, has_validation
 
     ev = cfg.eval
     pcfg = copy.deepcopy(cfg)
@@ -240,12 +221,12 @@ def perplexity_documents(cfg: Config):
     else:
         return None, {"skipped": "no eval.perplexity_paths and no validation split (data.val_fraction=0, "
                                  "no data.val_paths)"}
-    with data_errors():
+    with reraise_ours():
         ds = documents_dataset(pcfg, "val")
         if ev.max_documents is not None:
             ds = ds.limit(ev.max_documents)
         ds = ds.map_batches(_as_documents, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
-        ds.context.raise_original_map_exception = True  # a DataError reaches data_errors() as itself
+        ds.context.raise_original_map_exception = True  # a DataError reaches reraise_ours() as itself
         ds = ds.materialize()
     counts = corpus_stats(pcfg, "val")
     info["documents"] = ds.count()
@@ -336,7 +317,7 @@ class ModelWorker:
     def __init__(self, model: dict, settings: dict):
         import torch
 
-        from llmos_ray.eval.metrics import context_length
+        from llmos_ray.models import context_length
         from llmos_ray.serve.engine import load_model
         from llmos_ray.serve.spec import ModelSpec
 
@@ -356,7 +337,7 @@ class ModelWorker:
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return
         self.settings = settings
-        context = context_length(self.model)
+        context = context_length(self.model.config)
         trained = trained_length(model["uri"])
         if settings["max_length"]:
             self.max_length, self.window_source = min(settings["max_length"], context), "eval.max_length"
@@ -410,7 +391,7 @@ def trained_length(uri: str) -> Optional[int]:
     them, so its perplexity window defaults to what it was trained on."""
     import yaml
 
-    from llmos_ray.serve.engine import localize
+    from llmos_ray.storage import localize
 
     path = os.path.join(localize(uri), "llmos_config.yaml") if "://" in uri or os.path.isdir(uri) else None
     if path is None or not os.path.isfile(path):
@@ -427,7 +408,6 @@ def run_model(inputs, model: dict, cfg: Config, resources: dict, threads: int) -
     """Every input row through an actor pool of `model`; the output rows (any order)."""
     import ray
 
-    from llmos_ray.data import data_errors
 
     ev = cfg.eval
     settings = {"max_length": ev.max_length, "stride": ev.stride, "batch_size": ev.batch_size,
@@ -438,8 +418,8 @@ def run_model(inputs, model: dict, cfg: Config, resources: dict, threads: int) -
                              batch_size=ev.batch_size, batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(size=ev.num_workers),
                              udf_modifying_row_count=False, **resources)
-    out.context.raise_original_map_exception = True  # a ModelError reaches data_errors() as itself
-    with data_errors():
+    out.context.raise_original_map_exception = True  # a ModelError reaches reraise_ours() as itself
+    with reraise_ours():
         return out.take_all()
 
 

@@ -31,21 +31,21 @@ def build_app(config: Any = None):
 def serve(config: Any = None):
     """Deploy the models of `config` on Ray Serve and return the ingress DeploymentHandle.
 
-    Connects to Ray as `ray.init()` does ($RAY_ADDRESS, else a cluster started on this machine
-    with `ray start`, else a new local instance) unless Ray is already initialized. HTTP listens on
+    Connects to Ray as every llmos command does (`runtime.init_ray`: $RAY_ADDRESS, else a new
+    local instance) unless Ray is already initialized. HTTP listens on
     serve.host:serve.port (a Serve instance already running on this cluster keeps its own HTTP
     options). Returns once every replica is ready."""
     global _started_ray
-    import ray
     from ray import serve as ray_serve
 
-    from llmos_ray.serve.app import as_config, build_app as _build
+    from llmos_ray.serve.app import as_config
+    from llmos_ray.serve.app import build_app as _build
 
     cfg = as_config(config)
     app = _build(cfg)  # resolve models (registry, paths) before starting anything
-    if not ray.is_initialized():
-        ray.init()
-        _started_ray = True
+    from llmos_ray.runtime import init_ray
+
+    _started_ray = init_ray() or _started_ray
     ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     handle = ray_serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     log.info("serving %s at http://%s:%d%s", cfg.serve.models, cfg.serve.host, cfg.serve.port,

@@ -29,12 +29,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmos_ray.config import Config, ServeConfig, all_keys, from_dict, load_config
 from llmos_ray.errors import ConfigError
+from llmos_ray.schema import set_dotted, yaml_value
 from llmos_ray.serve import apps, kserve
 from llmos_ray.serve.engine import GenerationRequest, Result, SamplingParams, model_deployment
 from llmos_ray.serve.safety import SafetyPolicy
-from llmos_ray.serve.schemas import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, bad_request,
-                                     chat_choice, chat_chunk, chat_response, completion_choice, completion_chunk,
-                                     completion_response, model_card, new_id, parse_body, usage, usage_chunk)
+from llmos_ray.serve.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    bad_request,
+    chat_choice,
+    chat_chunk,
+    chat_response,
+    completion_choice,
+    completion_chunk,
+    completion_response,
+    model_card,
+    new_id,
+    parse_body,
+    usage,
+    usage_chunk,
+)
 from llmos_ray.serve.spec import ModelSpec, resolve_models
 
 log = logging.getLogger(__name__)
@@ -669,7 +685,7 @@ def as_config(config: Union[Config, ServeConfig, dict, str, None]) -> Config:
     if isinstance(config, ServeConfig):
         return Config(serve=config).resolved()
     if isinstance(config, str):
-        return load_config(config)
+        return load_config(config).resolved()
     raw = dict(config or {})
     path = raw.pop("config", None)
     overrides = list(raw.pop("overrides", None) or [])
@@ -680,35 +696,16 @@ def as_config(config: Union[Config, ServeConfig, dict, str, None]) -> Config:
         if key in sections and isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         elif key in serve_keys:
-            flat[f"serve.{key}"] = _yaml_value(value)
+            flat[f"serve.{key}"] = yaml_value(value, key)
         elif "." in key and key.split(".")[0] in sections:
-            flat[key] = _yaml_value(value)
+            flat[key] = yaml_value(value, key)
         else:
             raise ConfigError(f"build_app: unknown argument {key!r}; pass config sections (serve, registry), "
                               f"serve keys ({', '.join(sorted(serve_keys)[:6])}, ...), 'config' or 'overrides'")
-    cfg = load_config(path, overrides)
-    return from_dict(_merge(cfg.to_dict(), flat)).resolved()
-
-
-def _yaml_value(value: Any) -> Any:
-    import yaml
-
-    if isinstance(value, str):
-        try:
-            return yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError:
-            return value
-    return value
-
-
-def _merge(base: dict, dotted: dict[str, Any]) -> dict:
-    for key, value in dotted.items():
-        node = base
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return base
+    raw = load_config(path, overrides).to_dict()
+    for key, value in flat.items():
+        set_dotted(raw, key, value)
+    return from_dict(raw).validate().resolved()
 
 
 def build_app(config: Union[Config, ServeConfig, dict, str, None] = None):

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from llmos_ray.errors import ModelError
-from llmos_ray.models import eos_token_ids
+from llmos_ray.models import context_length, eos_token_ids
 from llmos_ray.serve.schemas import APIError, bad_request
 from llmos_ray.serve.spec import ModelSpec
+from llmos_ray.storage import localize
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Engine:
 
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
         self.max_batch_size, self.max_tokens_limit = max_batch_size, max_tokens_limit
-        self.context_length = _context_length(model.config, tokenizer)
+        self.context_length = context_length(model.config, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(model, tokenizer)
         vocab = tokenizer.get_vocab()
@@ -510,15 +511,6 @@ def collect_sync(chunks: "queue.Queue[Chunk]", t0: float) -> Result:
             return Result("".join(parts), c.finish_reason, c.prompt_tokens, c.completion_tokens, c.batch_size, first)
 
 
-def _context_length(config, tokenizer) -> int:
-    for key in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 2048
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -544,8 +536,8 @@ def load_model(spec: ModelSpec):
 
         base_dir = localize(spec.base_uri)
         model = PeftModel.from_pretrained(load_pretrained(base_dir, **kwargs), uri).merge_and_unload()
-        tok_dir = uri if any(os.path.exists(os.path.join(uri, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
-            else base_dir
+        has_tokenizer = any(os.path.exists(os.path.join(uri, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+        tok_dir = uri if has_tokenizer else base_dir
     else:
         model, tok_dir = load_pretrained(uri, **kwargs), uri
     tokenizer = load_tokenizer(tok_dir)
@@ -557,27 +549,6 @@ def load_model(spec: ModelSpec):
     log.info("loaded model %s from %s on %s (%s%s)", spec.name, spec.uri, device, dtype,
              ", int8" if spec.quantize == "int8" else "")
     return model, tokenizer, device
-
-
-def localize(uri: str) -> str:
-    """A local directory for `uri`: remote (s3://, gs://, ...) exports are copied to a cache once."""
-    if "://" not in uri or uri.startswith("file://"):
-        return os.path.expanduser(uri.removeprefix("file://"))
-    import hashlib
-    import shutil
-
-    import fsspec
-
-    cache = os.path.join(os.environ.get("LLMOS_CACHE", os.path.expanduser("~/.cache/llmos")), "models",
-                         hashlib.sha256(uri.encode()).hexdigest()[:16])
-    if not os.path.isdir(cache):
-        tmp = f"{cache}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        fs, path = fsspec.core.url_to_fs(uri)
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        os.replace(tmp, cache)
-    return cache
 
 
 def quantize_int8(model):

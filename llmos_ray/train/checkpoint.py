@@ -154,9 +154,8 @@ def usable_checkpoint(ckpt) -> tuple[Any, dict[str, Any], list[str]]:
     """`ckpt` and its state if it is complete; else the newest complete checkpoint before it in the
     same run's storage, with a warning. Also returns the folder names of the damaged checkpoints
     skipped, so a resumed run does not write into them. Every rank reaches the same answer."""
-    from pyarrow import fs as pafs
-
     import ray.train
+    from pyarrow import fs as pafs
 
     ckpt = _as_checkpoint(ckpt)
     try:
@@ -311,7 +310,7 @@ def _lora_model(config, weights: dict, run_cfg):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llmos_ray.train.loop import lora_config
+    from llmos_ray.train.lora import lora_config
 
     peft_model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(run_cfg, config.model_type))
     peft_model.load_state_dict(weights, strict=True)

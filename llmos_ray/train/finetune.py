@@ -3,14 +3,13 @@ checkpoints and export as pretraining (`run_training`)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Iterable
 
 from llmos_ray.config import Config
 from llmos_ray.errors import ConfigError, DataError
-from llmos_ray.train.trainer import TrainResult, resolve_resume, run_training
+from llmos_ray.train.trainer import TrainResult, progress_log, resolve_resume, run_training
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,8 @@ def finetune(cfg: Config) -> TrainResult:
     seq_len, fmt, bad = cfg.data.seq_len, cfg.finetune.format, cfg.data.max_bad_fraction
     train = build_examples(train_records, tokenizer, seq_len, fmt, bad)
     val = build_examples(val_records, tokenizer, seq_len, fmt, 1.0) if val_records else None
-    print(f"fine-tuning data: {_describe(train.counts)}" + (f"; held out: {val.counts['examples']}" if val else ""))
+    progress_log.info("fine-tuning data: %s%s", _describe(train.counts),
+                      f"; held out: {val.counts['examples']}" if val else "")
     _check_batch(cfg, len(train.tokens))
     init_ray()
     resume_from = resolve_resume(cfg, "finetune")
@@ -82,6 +82,7 @@ def _describe(counts: dict) -> str:
 def instruction_records(cfg: Config) -> tuple[list, list]:
     """(source, line, record) triples of the train and held-out splits. The user's files are split
     by a hash of each record (data.val_fraction); the embedded set has its own held-out split."""
+    from llmos_ray.data.documents import is_held_out
     from llmos_ray.data.instructions import stdlib_instructions
     from llmos_ray.data.sft import read_jsonl_records
 
@@ -92,9 +93,7 @@ def instruction_records(cfg: Config) -> tuple[list, list]:
     train, val = [], []
     for uri in expand(cfg.finetune.paths):
         for source, line, record in read_jsonl_records(uri):
-            key = hashlib.sha1(f"{source}:{line}".encode()).digest()
-            held_out = int.from_bytes(key[:8], "big") / 2**64 < cfg.data.val_fraction
-            (val if held_out else train).append((source, line, record))
+            (val if is_held_out(f"{source}:{line}", cfg.data.val_fraction) else train).append((source, line, record))
     return train, val
 
 

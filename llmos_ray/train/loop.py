@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from llmos_ray.config import Config, from_dict
+from llmos_ray.errors import ConfigError, DataError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from llmos_ray.models import flops_per_token, gpu_peak_flops, measure_cpu_peak_flops, mfu
     from llmos_ray.train import checkpoint as ckpt_io
     from llmos_ray.train.deepspeed import choose_precision, deepspeed_config, lr_at, uses_client_optimizer
+    from llmos_ray.train.lora import apply_lora
 
     cfg: Config = from_dict(loop_config["config"])
     tokenizer = loop_config["tokenizer"]
@@ -84,8 +86,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                  load_universal=how == "universal")
     optimizer = None
     if uses_client_optimizer(cfg, device.type):
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                      weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                      betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -218,32 +220,11 @@ def load_teacher(cfg: Config, device):
     from llmos_ray.models import load_pretrained
 
     if not cfg.distill.teacher:
-        raise ValueError("distillation needs distill.teacher (a model directory or hub id)")
+        raise ConfigError("distillation needs distill.teacher (a model directory or hub id)")
     teacher = load_pretrained(cfg.distill.teacher, trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-
-
-def lora_config(cfg: Config, model_type: str):
-    from peft import LoraConfig
-
-    targets = cfg.finetune.lora_target_modules or LORA_TARGETS.get(model_type)
-    if not targets:
-        raise ValueError(f"finetune.lora_target_modules is empty and there is no default for {model_type!r}")
-    return LoraConfig(r=cfg.finetune.lora_r, lora_alpha=cfg.finetune.lora_alpha, lora_dropout=cfg.finetune.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM",
-                      fan_in_fan_out=model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
-
-
-def apply_lora(model, cfg: Config):
-    """Wrap `model` with LoRA adapters (peft); only the adapters train."""
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(cfg, model.config.model_type))
 
 
 def causal_lm_loss(engine, inputs, targets):
@@ -323,7 +304,9 @@ class ShardReader:
         self._it = iter_blocks(batches, self.block_len)
         for _ in range(self.position["micro_batches"]):  # resume: skip what was trained on
             if self._take() is None:
-                raise RuntimeError("resume position is beyond the end of the data epoch")
+                raise DataError("the checkpoint's data position is beyond the end of the training data: the "
+                                "data changed since it was written; resume with the same data.paths, or start "
+                                "a new run.name")
 
     def _take(self) -> Optional[np.ndarray]:
         blocks = []
@@ -350,7 +333,7 @@ class ShardReader:
                 self.dropped_blocks += len(batch)
             self._it = None
             self.position = {"epoch": self.position["epoch"] + 1, "micro_batches": 0}
-        raise RuntimeError("the training data has fewer blocks than one micro-batch per worker: "
+        raise DataError("the training data has fewer blocks than one micro-batch per worker: "
                            "add data, lower train.micro_batch_size or data.seq_len")
 
 
@@ -378,7 +361,7 @@ class ArrayReader:
         self.position = dict(position or {"epoch": 0, "micro_batches": 0})
         self.per_epoch = len(blocks) // (micro_batch * world)
         if self.per_epoch == 0:
-            raise RuntimeError(f"{len(blocks)} training blocks are fewer than one micro-batch per worker "
+            raise DataError(f"{len(blocks)} training blocks are fewer than one micro-batch per worker "
                                f"({micro_batch} x {world})")
 
     def next_agreed(self, dist=None) -> np.ndarray:
@@ -449,7 +432,7 @@ def load_weights_zero3(model, model_dir: str) -> None:
 
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
-        raise RuntimeError(f"{model_dir} has no *.safetensors weights (needed to load under ZeRO-3)")
+        raise ModelError(f"{model_dir} has no *.safetensors weights (needed to load under ZeRO-3)")
     params = dict(model.named_parameters())
     loaded = set()
     for path in files:
@@ -465,7 +448,7 @@ def load_weights_zero3(model, model_dir: str) -> None:
     tied = {k for k, p in params.items() if k not in loaded and any(p is params[o] for o in loaded)}
     missing = set(params) - loaded - tied
     if missing:
-        raise RuntimeError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
+        raise ModelError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
 
 
 def share_fp32_partitions(engine) -> int:

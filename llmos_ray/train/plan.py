@@ -25,8 +25,14 @@ def plan_numbers(cfg: Config, num_devices: Optional[int] = None, vocab_size: Opt
         "params": n, "devices": world, "seq_len": seq, "tokens_per_step": tokens_per_step,
         "flops_per_token": flops_per_token(hf, seq),
         "flops_per_step": flops_per_token(hf, seq) * tokens_per_step,
-        "zero": {stage: zero_memory_per_device(n, stage, world) for stage in range(4)},
+        "precision": planned_precision(cfg),
+        "zero": {stage: zero_memory_per_device(n, stage, world, planned_precision(cfg)) for stage in range(4)},
     }
+
+
+def planned_precision(cfg: Config) -> str:
+    """The precision a plan assumes: train.precision, with 'auto' read as bf16 (what GPUs train in)."""
+    return "bf16" if cfg.train.precision == "auto" else cfg.train.precision
 
 
 def _model_config(cfg: Config, vocab_size: Optional[int]):
@@ -46,12 +52,12 @@ def plan(cfg: Config, num_devices: Optional[int] = None) -> str:
         f"model {name}: {p['params'] / 1e6:,.1f}M parameters, seq_len {p['seq_len']}, "
         f"{p['tokens_per_step']:,} tokens/step on {cfg.train.num_workers} workers",
         f"FLOPs: {p['flops_per_token']:.3e} per token, {p['flops_per_step']:.3e} per optimizer step",
-        f"per-device memory on {p['devices']} devices (mixed-precision Adam, 16 bytes/param before sharding; "
+        f"per-device memory on {p['devices']} devices ({p['precision']} Adam, 16 bytes/param before sharding; "
         f"activations not included):",
-        f"{'ZeRO':>6} {'params GiB':>11} {'grads GiB':>10} {'optim GiB':>10} {'total GiB':>10}",
+        f"{'ZeRO':>6} {'params GiB':>11} {'master GiB':>11} {'grads GiB':>10} {'optim GiB':>10} {'total GiB':>10}",
     ]
     for stage, m in p["zero"].items():
         marker = "  <- configured" if stage == cfg.deepspeed.zero_stage else ""
-        lines.append(f"{stage:>6} {m['params'] / GIB:>11.2f} {m['grads'] / GIB:>10.2f} "
+        lines.append(f"{stage:>6} {m['params'] / GIB:>11.2f} {m['master'] / GIB:>11.2f} {m['grads'] / GIB:>10.2f} "
                      f"{m['optimizer'] / GIB:>10.2f} {m['total'] / GIB:>10.2f}{marker}")
     return "\n".join(lines)

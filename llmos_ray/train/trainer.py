@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,8 @@ import numpy as np
 from ray.train import UserCallback
 
 from llmos_ray.config import Config, save_config
-from llmos_ray.errors import ConfigError
+from llmos_ray.errors import ConfigError, reraise_ours
+from llmos_ray.storage import write_text
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,30 @@ class TrainResult:
     """The run's output directory (metrics.jsonl, config.yaml, export/)."""
     history: list[dict] = field(default_factory=list)
     """Every logged metrics record of this run (as in metrics.jsonl)."""
+    run_name: str = ""
+    """run.name of the run."""
+    seconds: float = 0.0
+    """Wall time of training (Ray Train's fit) and export."""
+    data_counts: Optional[dict] = None
+    """What the training data pass read and dropped (as in data_stats.json)."""
+
+    def summary(self) -> str:
+        """What a user needs at the end: where everything went and the next command."""
+        m = self.metrics
+        lines = [f"finished {self.run_name}: step {m.get('step')} in {self.seconds / 60:.1f} min"
+                 + (f", val_loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f})" if m.get("val_loss") is not None
+                    else ""),
+                 f"  metrics:    {os.path.join(self.output_dir, 'metrics.jsonl')}",
+                 f"  checkpoint: {self.checkpoint}"]
+        counts = self.data_counts or {}
+        if "documents" in counts:
+            lines.append(f"  data:       {counts.get('documents', 0):,} documents read in the last pass, "
+                         f"{counts.get('bad_records', 0):,} bad records, {counts.get('dropped_short', 0):,} too "
+                         f"short, {counts.get('duplicates', 0):,} duplicates "
+                         f"({os.path.join(self.output_dir, 'data_stats.json')})")
+        if self.export_dir:
+            lines += [f"  model:      {self.export_dir}", f"next: llmos serve --model {self.export_dir}"]
+        return "\n".join(lines)
 
 
 def pretrain(cfg: Config) -> TrainResult:
@@ -48,7 +74,7 @@ def pretrain(cfg: Config) -> TrainResult:
     tokenizer = data.get_tokenizer(cfg)
     train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
     result = run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
-    report_data_counts(cfg)
+    result.data_counts = report_data_counts(cfg)
     return result
 
 
@@ -59,29 +85,26 @@ def corpus_datasets(cfg: Config, tokenizer) -> tuple[Any, Optional[np.ndarray]]:
     train_ds = data.packed_dataset(cfg, tokenizer, "train")
     val_blocks = None
     if data.has_validation(cfg.data):
-        with data.data_errors():
+        with reraise_ours():
             val_blocks = collect_blocks(data.packed_dataset(cfg, tokenizer, "val"), cfg.data.seq_len + 1,
                                         cfg.data.val_max_blocks)
         log.info("validation: %d blocks of %d tokens", len(val_blocks), cfg.data.seq_len + 1)
     return train_ds, val_blocks
 
 
-def report_data_counts(cfg: Config) -> None:
+def report_data_counts(cfg: Config) -> Optional[dict]:
     """Write what the training stream read and dropped (bad, short, duplicate records, per file) to
-    <output_dir>/data_stats.json and say it on the console: nothing is dropped silently."""
+    <output_dir>/data_stats.json and return it (the result's summary says it): nothing is dropped
+    silently."""
     from llmos_ray.data import corpus_stats
 
     try:
         counts = corpus_stats(cfg, "train")
     except Exception as e:  # the counts live in a Ray actor of this job; a restarted job may not have them
         log.warning("data counts unavailable: %s", e)
-        return
-    path = os.path.join(cfg.run.output_dir, "data_stats.json")
-    with open(path, "w") as f:
-        json.dump(counts, f, indent=1)
-    print(f"  data:       {counts.get('documents', 0):,} documents read in the last pass, "
-          f"{counts.get('bad_records', 0):,} bad records, {counts.get('dropped_short', 0):,} too short, "
-          f"{counts.get('duplicates', 0):,} duplicates ({path})")
+        return None
+    write_text(os.path.join(cfg.run.output_dir, "data_stats.json"), json.dumps(counts, indent=1))
+    return counts
 
 
 def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np.ndarray],
@@ -90,19 +113,17 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
     """Start the TorchTrainer on `datasets` (Ray Datasets, or in-memory block arrays) and export the
     result. `job` ('pretrain', 'finetune', 'distill') selects the loss and adapters in the loop;
     `data_counts` (what was read and dropped) is saved as <output_dir>/data_stats.json."""
-    import ray
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from llmos_ray.runtime import worker_resources
     from llmos_ray.train.loop import train_loop
 
+    cfg = cfg.resolved(job)
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     if data_counts is not None:
-        with open(os.path.join(cfg.run.output_dir, "data_stats.json"), "w") as f:
-            json.dump(data_counts, f, indent=1)
+        write_text(os.path.join(cfg.run.output_dir, "data_stats.json"), json.dumps(data_counts, indent=1))
     use_gpu = _use_gpu(cfg)
     resources = worker_resources(cfg.train.cpus_per_worker, cfg.train.num_workers, use_gpu)
     metrics_log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), cfg.train.max_steps)
@@ -130,9 +151,10 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
              cfg.model.family, cfg.model.size, cfg.train.num_workers, resources, cfg.deepspeed.zero_stage,
              cfg.train.max_steps)
     t0 = time.time()
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    with follow_progress(metrics_log.path, cfg.train.max_steps), reraise_ours():
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
     checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
     export_dir = None
     if cfg.train.export and result.checkpoint is not None:
@@ -140,10 +162,9 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
 
         export_dir = export(result.checkpoint, os.path.join(cfg.run.output_dir, "export"))
     history = read_metrics(os.path.join(cfg.run.output_dir, "metrics.jsonl"))
-    out = TrainResult(metrics=dict(result.metrics or {}), checkpoint=checkpoint, export_dir=export_dir,
-                      output_dir=cfg.run.output_dir, history=history)
-    _print_summary(cfg, out, time.time() - t0)
-    return out
+    return TrainResult(metrics=dict(result.metrics or {}), checkpoint=checkpoint, export_dir=export_dir,
+                       output_dir=cfg.run.output_dir, history=history, run_name=cfg.run.name,
+                       seconds=time.time() - t0, data_counts=data_counts)
 
 
 def checkpoint_uri(ckpt) -> str:
@@ -239,13 +260,12 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class MetricsLog(UserCallback):
-    """Ray Train callback on the controller (which runs on the driver's node): appends rank 0's
-    metrics to metrics.jsonl, prints progress with ETA, and publishes Ray metrics for the dashboard."""
+    """Ray Train callback on the controller (an actor on the driver's node): appends rank 0's
+    metrics to metrics.jsonl and publishes them as Ray metrics for the dashboard. The driver shows
+    progress by following the file (`follow_progress`)."""
 
     def __init__(self, path: str, max_steps: int):
         self.path, self.max_steps = path, max_steps
-        self._t0: Optional[float] = None
-        self._step0 = 0
         self._gauges = None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
@@ -258,24 +278,11 @@ class MetricsLog(UserCallback):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(m) + "\n")
-        step = m["step"]
-        if self._t0 is None:
-            self._t0, self._step0 = time.time(), step
-        rate = (step - self._step0) / max(1e-9, time.time() - self._t0)
-        eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
-        parts = [f"step {step}/{self.max_steps}"]
-        for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "val_ppl {:.1f}"),
-                         ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
-            if m.get(key) is not None:
-                parts.append(fmt.format(m[key]))
-        if eta == eta:
-            parts.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
-        print(" | ".join(parts), flush=True)
         self._publish(m)
 
     def after_exception(self, run_context, worker_exceptions) -> None:
         for rank, exc in worker_exceptions.items():
-            print(f"worker {rank} failed: {exc!r}", flush=True)
+            log.warning("worker %s failed: %r", rank, exc)
 
     def _publish(self, m: dict) -> None:
         try:
@@ -292,12 +299,54 @@ class MetricsLog(UserCallback):
             log.debug("ray metrics unavailable: %s", e)
 
 
-def _print_summary(cfg: Config, out: TrainResult, seconds: float) -> None:
-    m = out.metrics
-    print(f"\nfinished {cfg.run.name}: step {m.get('step')} in {seconds / 60:.1f} min"
-          + (f", val_loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f})" if m.get("val_loss") is not None else ""))
-    print(f"  metrics:    {os.path.join(out.output_dir, 'metrics.jsonl')}")
-    print(f"  checkpoint: {out.checkpoint}")
-    if out.export_dir:
-        print(f"  model:      {out.export_dir}")
-        print(f"next: llmos serve --model {out.export_dir}")
+progress_log = logging.getLogger("llmos_ray.progress")
+"""Progress lines (one per logged step) of commands that run for a while; the CLI prints them."""
+
+
+def progress_line(m: dict, max_steps: int, eta_s: Optional[float]) -> str:
+    """`step 50/200 | loss 6.1742 | val_loss … | 3,652 tok/s | mfu 49.2% | ETA 5m25s` for a metrics record."""
+    parts = [f"step {m['step']}/{max_steps}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "val_ppl {:.1f}"),
+                     ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
+        if m.get(key) is not None:
+            parts.append(fmt.format(m[key]))
+    if eta_s is not None and eta_s == eta_s:
+        parts.append(f"ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s")
+    return " | ".join(parts)
+
+
+@contextlib.contextmanager
+def follow_progress(path: str, max_steps: int, poll_s: float = 0.5):
+    """While the block runs, log a progress line (`progress_log`) for each record appended to the
+    metrics file at `path`, with an ETA from the steps seen so far."""
+    import threading
+
+    stop = threading.Event()
+    start = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def follow():
+        offset, first, pending = start, None, ""
+        while True:
+            stopping = stop.wait(poll_s)
+            if os.path.exists(path):
+                with open(path) as f:
+                    f.seek(offset)
+                    pending += f.read()
+                    offset = f.tell()
+            *lines, pending = pending.split("\n")
+            for line in filter(None, lines):
+                m = json.loads(line)
+                now = time.time()
+                first = first or (now, m["step"])
+                rate = (m["step"] - first[1]) / max(1e-9, now - first[0])
+                progress_log.info(progress_line(m, max_steps, (max_steps - m["step"]) / rate if rate > 0 else None))
+            if stopping:
+                return
+
+    thread = threading.Thread(target=follow, name="llmos-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

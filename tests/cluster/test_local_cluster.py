@@ -130,7 +130,8 @@ def pretrained(cluster, tmp_path_factory):
     wait_for(second_job_ended, JOB_TIMEOUT_S, "the resubmitted job to end", poll_s=1.0)
     local.wait_for_job(client, second, 10)  # raises with its logs unless it SUCCEEDED
     return {"out": out, "storage": storage, "killed_status": killed_status, "steps_before": steps_before,
-            "damaged": damaged, "previous": previous, "previous_step": previous_step, "logs": client.get_job_logs(second),
+            "damaged": damaged, "previous": previous, "previous_step": previous_step,
+            "logs": client.get_job_logs(second),
             "metrics_seen": seen_metrics, "export": os.path.join(out, "export")}
 
 
@@ -143,7 +144,8 @@ def test_killed_driver_and_damaged_checkpoint_resume_to_the_exact_step(pretraine
     assert "is damaged" in logs and f"resuming from {pretrained['previous']}" in logs
     steps = steps_logged(pretrained["out"])
     after = steps[len(pretrained["steps_before"]):]
-    assert after[0] == pretrained["previous_step"] + 5 and after[-1] == MAX_STEPS  # log_every=5: nothing skipped, nothing past the end
+    # log_every=5: nothing skipped, nothing past the end
+    assert after[0] == pretrained["previous_step"] + 5 and after[-1] == MAX_STEPS
     assert read_metrics(pretrained["out"])[-1]["tokens"] == MAX_STEPS * 8 * 2 * 64  # tokens seen carried over
     final = os.path.join(pretrained["storage"], "pretrain-tiny", f"checkpoint_{MAX_STEPS:08d}")
     assert validate(final)["step"] == MAX_STEPS

@@ -95,7 +95,7 @@ def test_launcher_gpu_group_is_sized_for_the_1b_and_7b_configs(name):
     assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
     gpu = nodes[GPU_GROUP]
     per_node = gpu["resources"]["GPU"]
-    workers = {name: load_config(os.path.join(ROOT, "jobs", "configs", f"{name}.yaml"), job=job).train.num_workers
+    workers = {name: load_config(os.path.join(ROOT, "jobs", "configs", f"{name}.yaml")).resolved(job).train.num_workers
                for name, job in (("pretrain_1b", "pretrain"), ("pretrain_7b", "pretrain"),
                                  ("finetune_7b_lora", "finetune"))}
     # llmos uses GPUs when the cluster has them at job start, so the minimum must cover pretrain_1b.
@@ -227,7 +227,7 @@ def test_rayjob_runtime_env_matches_jobs_runtime_env():
 
 def test_rayservice_serves_what_emit_config_writes_for_serve_gpu():
     serve_config = yaml.safe_load(_manifest("rayservice.yaml")["spec"]["serveConfigV2"])
-    cfg = load_config(os.path.join(ROOT, "jobs", "configs", "serve_gpu.yaml"), job="serve")
+    cfg = load_config(os.path.join(ROOT, "jobs", "configs", "serve_gpu.yaml")).resolved("serve")
     emitted = yaml.safe_load(emit_config(cfg))
     assert serve_config == {"applications": emitted["applications"]}
     for app in serve_config["applications"]:

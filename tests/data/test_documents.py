@@ -6,9 +6,10 @@ import pyarrow as pa
 
 from llmos_ray.config import DataConfig
 from llmos_ray.data import iter_documents
+from llmos_ray.data.corpus import resolve_corpus
 from llmos_ray.data.documents import Ledger, is_held_out, read_blocks, text_key
 from llmos_ray.data.pipeline import Batcher, read_units
-from llmos_ray.data.sources import Corpus, Source, resolve_corpus
+from llmos_ray.data.sources import Corpus, Source
 from tests.data.conftest import jsonl, sample_docs, write
 
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from llmos_ray.data import iter_blocks, pack_blocks, pack_documents
+from llmos_ray.errors import DataError
 
 EOS = 0
 
@@ -82,5 +83,5 @@ def test_iter_blocks_skip_and_errors():
     blocks = iter_blocks([rows], 3, skip=2)
     assert [b.tolist() for b in blocks] == [[6, 7, 8], [9, 10, 11], [12, 13, 14]]
     assert blocks.blocks == 5
-    with pytest.raises(ValueError, match="more than block_len=3.*data.seq_len"):
+    with pytest.raises(DataError, match="more than block_len=3.*data.seq_len"):
         list(iter_blocks([[np.arange(4)]], 3))

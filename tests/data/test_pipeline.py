@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from llmos_ray.data import corpus_stats, data_errors, documents_dataset, iter_blocks, iter_documents, packed_dataset
-from llmos_ray.errors import DataError
+from llmos_ray.data import corpus_stats, documents_dataset, iter_blocks, iter_documents, packed_dataset
+from llmos_ray.errors import DataError, reraise_ours
 from tests.data.conftest import jsonl, rows, sample_docs, token_stream, write
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -119,7 +119,7 @@ def test_too_many_bad_records_fail_the_job_naming_file_and_line(make_cfg, tiny_t
     write(tmp_path / "c" / "b.jsonl", "\n".join(lines).encode())
     cfg = make_cfg(paths=[str(tmp_path / "c")], max_bad_fraction=0.01)
     with pytest.raises(DataError, match=r"b\.jsonl: 1 of 20 records are bad .*first at line 5: missing field 'text'"):
-        with data_errors():
+        with reraise_ours():
             rows(packed_dataset(cfg, tiny_tokenizer))
 
 

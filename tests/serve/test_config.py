@@ -111,7 +111,7 @@ def test_build_app_args_as_serve_run_passes_them(tiny_model_dir):
 def test_an_adapter_base_relative_to_the_adapter_resolves(tiny_model_dir, lora_dir, tmp_path):
     import shutil
 
-    from llmos_ray.serve.spec import resolve_source
+    from llmos_ray.registry import resolve_source
 
     os.symlink(tiny_model_dir, tmp_path / "base")
     adapter = tmp_path / "runs" / "sft"

@@ -72,7 +72,8 @@ def test_fp16_on_cpu_is_refused():
 
 def test_accumulation_steps():
     assert accumulation_steps(cfg("train.micro_batch_size=8"), 2) == 1
-    assert accumulation_steps(cfg("train.micro_batch_size=2", "train.global_batch_size=16", "train.num_workers=2"), 2) == 4
+    four = cfg("train.micro_batch_size=2", "train.global_batch_size=16", "train.num_workers=2")
+    assert accumulation_steps(four, 2) == 4
 
 
 def test_warmup_then_cosine():

@@ -35,9 +35,8 @@ LOSS_ATOL = 2e-3
 
 @pytest.fixture(scope="module")
 def blocks(tiny_tokenizer_dir):
-    from tests.conftest import stdlib_texts
-
     from llmos_ray.data.tokenizer import load_tokenizer
+    from tests.conftest import stdlib_texts
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     ids = []
@@ -54,7 +53,7 @@ def make_config(tmp_path, name, base, *overrides):
         f"data.seq_len={SEQ}", f"train.num_workers={WORKERS}", f"train.micro_batch_size={MICRO}",
         f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=4", "train.eval_batches=2",
         "train.checkpoint_every=4", "train.lr=3e-3", "train.warmup_steps=2", "train.num_to_keep=null",
-        *overrides])
+        *overrides]).resolved()
 
 
 def losses(history):
@@ -313,10 +312,9 @@ def test_streamed_corpus_resumes_with_the_same_batches(ray_session, tiny_tokeniz
     the group, which splits the stream anew. The first attempt read the data of an uninterrupted
     run up to the end (its order does not depend on training); the resumed attempt must train,
     step for step and rank for rank, exactly those micro-batches (SHA-1 of the token ids)."""
-    from tests.conftest import stdlib_texts
-
     from llmos_ray import data
     from llmos_ray.data.tokenizer import load_tokenizer
+    from tests.conftest import stdlib_texts
 
     # Documents of different lengths, two per packing task: blocks of rows of different sizes (and
     # tails) for the split to deal out; about 4 micro-batches per rank per epoch.
