@@ -308,11 +308,25 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged (a notebook or a test may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(level: str) -> None:
     """Library logs with a time and a source on stderr; progress lines (`llmos_ray.progress`) bare on stdout."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     progress = logging.getLogger("llmos_ray.progress")
-    handler = logging.StreamHandler(sys.stdout)
+    if progress.handlers:  # main() called again in one process (tests, notebooks)
+        return
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     progress.addHandler(handler)
     progress.propagate = False

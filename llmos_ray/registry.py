@@ -233,6 +233,9 @@ def resolve_source(source: str, registry: Optional[str] = None) -> tuple[str, Op
         uri = source
     elif os.path.isdir(path):
         uri = os.path.abspath(path)
+        if not any(os.path.isfile(os.path.join(uri, f)) for f in ("config.json", "adapter_config.json")):
+            raise ModelError(f"model directory {uri} has no config.json (nor adapter_config.json): is it a Hugging "
+                             "Face export? (`llmos export CHECKPOINT DIR` makes one)")
     elif NAME_RE.match(source) and exists(source, registry):
         entry = get(source, registry).to_dict()
         uri = entry["uri"]

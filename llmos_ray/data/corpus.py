@@ -40,6 +40,14 @@ def resolve_corpus(data, split: str = "train") -> Corpus:
                               f"{' …' if len(paths) > 3 else ''}")
 
 
+def check_corpus(data) -> None:
+    """Raise DataError now, before anything starts, if a corpus path of `data` does not exist,
+    matches nothing or has an unknown format (both splits); lists files, reads nothing."""
+    resolve_corpus(data, "train")
+    if data.val_paths:
+        resolve_corpus(data, "val")
+
+
 def _checked_storage_options(options: dict) -> dict[str, dict[str, Any]]:
     import fsspec
 

@@ -36,7 +36,7 @@ def prepare(cfg) -> dict:
     import fsspec
 
     from llmos_ray.config import save_config
-    from llmos_ray.data.corpus import resolve_corpus
+    from llmos_ray.data.corpus import check_corpus, resolve_corpus
     from llmos_ray.data.pipeline import has_validation
     from llmos_ray.data.stats import corpus_stats
     from llmos_ray.data.tokenizer import get_tokenizer, tokenizer_dir
@@ -44,6 +44,7 @@ def prepare(cfg) -> dict:
     from llmos_ray.runtime import init_ray
 
     cfg = cfg.resolved()
+    check_corpus(cfg.data)
     start = time.time()
     out = cfg.run.output_dir.rstrip("/")
     fs, root = fsspec.core.url_to_fs(out)

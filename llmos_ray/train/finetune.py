@@ -8,7 +8,7 @@ import os
 from typing import Iterable
 
 from llmos_ray.config import Config
-from llmos_ray.errors import ConfigError, DataError
+from llmos_ray.errors import ConfigError, DataError, ModelError
 from llmos_ray.train.trainer import TrainResult, progress_log, resolve_resume, run_training
 
 log = logging.getLogger(__name__)
@@ -44,20 +44,27 @@ def distill(cfg: Config) -> TrainResult:
     """Train a student (`model.base`, or the preset `model.family`/`model.size`) on the corpus
     against a frozen teacher's logits (`distill.teacher`), with the teacher's tokenizer."""
     from llmos_ray import data
+    from llmos_ray.data.corpus import check_corpus
     from llmos_ray.runtime import init_ray
     from llmos_ray.train.trainer import corpus_datasets
 
     cfg = cfg.resolved("distill")
     if not cfg.distill.teacher:
         raise ConfigError("distill.teacher is required: the model directory or hub id to learn from")
-    init_ray()
-    tokenizer = data.load_tokenizer(cfg.distill.teacher)
     resume_from = resolve_resume(cfg, "distill")
+    check_corpus(cfg.data)
+    tokenizer = data.load_tokenizer(cfg.distill.teacher)
+    init_ray()
     train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
     return run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from, job="distill")
 
 
 def _with_base(cfg: Config) -> Config:
+    base = cfg.model.base
+    if base is not None and (base.startswith(("/", ".", "~")) or os.path.exists(base)) \
+            and not os.path.isfile(os.path.join(os.path.expanduser(base), "config.json")):
+        raise ModelError(f"model.base={base!r} is not a model directory (no config.json); give an export "
+                         "directory, e.g. runs/default/export, or a hub id")
     if cfg.model.base is None:
         if not os.path.isfile(os.path.join(DEFAULT_BASE, "config.json")):
             raise ConfigError(f"model.base is not set and there is no default export at {DEFAULT_BASE}: run "

@@ -65,13 +65,14 @@ class TrainResult:
 def pretrain(cfg: Config) -> TrainResult:
     """Pretrain `cfg.model` on `cfg.data` with Ray Train + DeepSpeed ZeRO; export at the end."""
     from llmos_ray import data
-
-    cfg = cfg.resolved()
+    from llmos_ray.data.corpus import check_corpus
     from llmos_ray.runtime import init_ray
 
-    init_ray()
-    resume_from = resolve_resume(cfg, "pretrain")
+    cfg = cfg.resolved()
+    resume_from = resolve_resume(cfg, "pretrain")  # what the run is and what the corpus holds: before Ray starts
+    check_corpus(cfg.data)
     tokenizer = data.get_tokenizer(cfg)
+    init_ray()
     train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
     result = run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
     result.data_counts = report_data_counts(cfg)
