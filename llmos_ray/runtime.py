@@ -1,4 +1,11 @@
-"""Connecting to Ray: the cluster in RAY_ADDRESS (as under `ray job submit`) or a local one."""
+"""Connecting to Ray: the cluster in RAY_ADDRESS (as under `ray job submit`) or a local one of our own.
+
+A local Ray that an llmos command starts is pinned, never found by lookup: `address="local"` and
+a temp root of its own (RAY_TMPDIR, inherited by its workers). Ray's address lookup — `ray.init()`
+without an address, and Ray Train's state queries inside the run — otherwise scans the machine's
+running clusters and, with another Ray up (a `ray start` cluster, a notebook), fails with "Found
+multiple active Ray instances" or queries the wrong one. To use a running cluster, set RAY_ADDRESS.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +38,11 @@ def init_ray(num_cpus: int | None = None) -> bool:
         # env applies: adding ours would conflict with it (see jobs/runtime_env.yaml).
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=None)
+        # Short: Ray's socket paths under it must fit the 107-byte limit of a Unix socket address.
+        os.environ.setdefault("RAY_TMPDIR", os.path.join("/tmp", f"llmos-{os.getpid()}"))
+        env["RAY_TMPDIR"] = os.environ["RAY_TMPDIR"]
+        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=None,
+                 _temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"))
     log.info("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
     return True
 

@@ -23,7 +23,9 @@ def finetune(cfg: Config) -> TrainResult:
     from llmos_ray.data.sft import build_examples, ensure_chat_template
     from llmos_ray.runtime import init_ray
 
-    cfg = _with_base(cfg.resolved("finetune"))
+    cfg, resume_from, finished = resolve_resume(_with_base(cfg.resolved("finetune")), "finetune")
+    if finished is not None:
+        return finished
     tokenizer = load_tokenizer(cfg.model.base)
     ensure_chat_template(tokenizer)
     train_records, val_records = instruction_records(cfg)
@@ -34,7 +36,6 @@ def finetune(cfg: Config) -> TrainResult:
                       f"; held out: {val.counts['examples']}" if val else "")
     _check_batch(cfg, len(train.tokens))
     init_ray()
-    resume_from = resolve_resume(cfg, "finetune")
     val_blocks = val.blocks()[: cfg.data.val_max_blocks] if val is not None else None
     return run_training(cfg, tokenizer, {"train": train.blocks()}, val_blocks, resume_from, job="finetune",
                         data_counts={"train": train.counts, "val": val.counts if val else None})
@@ -51,7 +52,9 @@ def distill(cfg: Config) -> TrainResult:
     cfg = cfg.resolved("distill")
     if not cfg.distill.teacher:
         raise ConfigError("distill.teacher is required: the model directory or hub id to learn from")
-    resume_from = resolve_resume(cfg, "distill")
+    cfg, resume_from, finished = resolve_resume(cfg, "distill")
+    if finished is not None:
+        return finished
     check_corpus(cfg.data)
     tokenizer = data.load_tokenizer(cfg.distill.teacher)
     init_ray()

@@ -17,8 +17,8 @@ from typing import Any, Optional
 import numpy as np
 from ray.train import UserCallback
 
-from llmos_ray.config import Config, save_config
-from llmos_ray.errors import ConfigError, reraise_ours
+from llmos_ray.config import Config, from_dict, save_config
+from llmos_ray.errors import reraise_ours
 from llmos_ray.storage import write_text
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,16 @@ class TrainResult:
     """Wall time of training (Ray Train's fit) and export."""
     data_counts: Optional[dict] = None
     """What the training data pass read and dropped (as in data_stats.json)."""
+    already_finished: bool = False
+    """The run had reached train.max_steps before this command: nothing was trained."""
 
     def summary(self) -> str:
         """What a user needs at the end: where everything went and the next command."""
         m = self.metrics
-        lines = [f"finished {self.run_name}: step {m.get('step')} in {self.seconds / 60:.1f} min"
+        done = f"run {self.run_name!r} already finished at step {m.get('step')}; nothing trained (raise " \
+            "train.max_steps to train longer, or give a new run.name)" if self.already_finished else \
+            f"finished {self.run_name}: step {m.get('step')} in {self.seconds / 60:.1f} min"
+        lines = [done
                  + (f", val_loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f})" if m.get("val_loss") is not None
                     else ""),
                  f"  metrics:    {os.path.join(self.output_dir, 'metrics.jsonl')}",
@@ -68,8 +73,9 @@ def pretrain(cfg: Config) -> TrainResult:
     from llmos_ray.data.corpus import check_corpus
     from llmos_ray.runtime import init_ray
 
-    cfg = cfg.resolved()
-    resume_from = resolve_resume(cfg, "pretrain")  # what the run is and what the corpus holds: before Ray starts
+    cfg, resume_from, finished = resolve_resume(cfg.resolved(), "pretrain")  # before anything starts
+    if finished is not None:
+        return finished
     check_corpus(cfg.data)
     tokenizer = data.get_tokenizer(cfg)
     init_ray()
@@ -122,7 +128,7 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
 
     cfg = cfg.resolved(job)
     os.makedirs(cfg.run.output_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+    record_config(cfg)
     if data_counts is not None:
         write_text(os.path.join(cfg.run.output_dir, "data_stats.json"), json.dumps(data_counts, indent=1))
     use_gpu = _use_gpu(cfg)
@@ -176,52 +182,61 @@ def checkpoint_uri(ckpt) -> str:
     return f"{'gs' if kind == 'gcs' else kind}://{ckpt.path}"
 
 
-def resolve_resume(cfg: Config, job: str = "pretrain") -> Optional[str]:
-    """Apply `run.resume`. 'auto': Ray Train continues this run's latest registered checkpoint by
-    itself (same name + storage). 'never': refuse to mix with an existing run. Else: a checkpoint URI
-    to start from (checked now, not after workers have started). A run of another kind of job under
-    the same name is refused either way."""
-    existing = run_exists(cfg)
-    if existing:
-        other = _run_job(cfg)
-        if other is not None and other != job:
-            raise ConfigError(f"run {cfg.run.name!r} in {cfg.run.storage_path} is a {other} run; "
-                              f"give this {job} run another run.name")
-    if cfg.run.resume == "auto":
-        if existing:
-            log.info("run %r exists in %s: continuing from its latest checkpoint (run.resume=auto)",
-                     cfg.run.name, cfg.run.storage_path)
-        return None
+def resolve_resume(cfg: Config, job: str = "pretrain") -> tuple[Config, Optional[str], Optional[TrainResult]]:
+    """What this command does with its run, decided from the files before anything starts
+    (`runs.check_run`): `(config, checkpoint URI to start from or None, result if finished)`.
+
+    run.resume=auto: a new run starts; a resumable one continues from its latest checkpoint (Ray
+    Train does it by itself for the same name and storage); a finished one trains nothing and comes
+    back as its result; one whose data, model, tokenizer or task settings differ is refused.
+    run.resume=never: an existing run is left alone and this one starts over in a fresh directory
+    (`<name>-2`, …). Else run.resume is a checkpoint URI to start a new run from (checked now)."""
+    from llmos_ray.train import runs
+
     if cfg.run.resume == "never":
-        if existing:
-            raise ConfigError(
-                f"run {cfg.run.name!r} already has checkpoints in {cfg.run.storage_path}; with run.resume=never "
-                f"choose another run.name (or delete that directory yourself)")
-        return None
-    from llmos_ray.train.checkpoint import validate
+        if runs.checkpoints_of(cfg):
+            fresh = runs.fresh_run(cfg)
+            log.warning("run %r already exists in %s; starting over as %r in %s (run.resume=never)", cfg.run.name,
+                        cfg.run.output_dir, fresh.run.name, fresh.run.output_dir)
+            cfg = fresh
+        return cfg, None, None
+    if cfg.run.resume != "auto":
+        from llmos_ray.train.checkpoint import validate
 
-    validate(cfg.run.resume)
-    return cfg.run.resume
+        validate(cfg.run.resume)
+        return cfg, cfg.run.resume, None
+    state, info = runs.check_run(cfg, job)
+    if state == "finished":
+        log.warning("run %r already finished at step %d (train.max_steps=%d): nothing to train. Raise "
+                    "train.max_steps to train it longer, or give a new run.name", cfg.run.name, info.step,
+                    cfg.train.max_steps)
+        return cfg, None, TrainResult(metrics=dict(info.history[-1]) if info.history else {"step": info.step},
+                                      checkpoint=info.checkpoints[-1].uri, export_dir=info.export_dir,
+                                      output_dir=cfg.run.output_dir, history=info.history, run_name=cfg.run.name,
+                                      data_counts=info.data_stats, already_finished=True)
+    if state == "resumable":
+        log.info("run %r: continuing from step %d of %d (run.resume=auto)", cfg.run.name, info.step,
+                 cfg.train.max_steps)
+    return cfg, None, None
 
 
-def run_exists(cfg: Config) -> bool:
-    import fsspec
+def record_config(cfg: Config) -> None:
+    """A run's config.yaml says what it trained on and is written once, when it starts; a resume
+    with other (non-identity) settings, such as a longer train.max_steps, is appended to resumes.jsonl."""
+    from llmos_ray.train import runs
 
-    path = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/checkpoint_manager_snapshot.json"
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
+    path = os.path.join(cfg.run.output_dir, "config.yaml")
+    if not os.path.exists(path):
+        save_config(cfg, path)
+        return
+    import yaml
 
-
-def _run_job(cfg: Config) -> Optional[str]:
-    """The job ('pretrain', 'finetune', 'distill') of the newest checkpoint of an existing run."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}")
-    states = sorted(fs.glob(f"{root}/checkpoint_*/llmos_state.json"))
-    if not states:
-        return None
-    with fs.open(states[-1]) as f:
-        return json.load(f).get("job", "pretrain")
+    with open(path) as f:
+        saved = runs.flat(from_dict(yaml.safe_load(f) or {}).to_dict())
+    now = runs.flat(cfg.to_dict())
+    changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
+    with open(os.path.join(cfg.run.output_dir, "resumes.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.time(), "changed": changed}, default=str) + "\n")
 
 
 def collect_blocks(ds, block_len: int, max_blocks: int) -> np.ndarray:

@@ -68,17 +68,20 @@ def test_pretrain_cli_default_cpus_does_not_hang_and_learns(tmp_path, ray_tmp):
     assert ids.shape[1] > 3
 
 
-def test_resume_never_refuses_an_existing_run(tmp_path):
-    from llmos_ray.config import ConfigError, load_config
+def test_resume_never_leaves_an_existing_run_and_starts_over_beside_it(tmp_path):
+    from llmos_ray.config import load_config
     from llmos_ray.train.trainer import resolve_resume
 
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "run.resume=never"])
-    os.makedirs(os.path.join(cfg.run.storage_path, "r"))
-    open(os.path.join(cfg.run.storage_path, "r", "checkpoint_manager_snapshot.json"), "w").write("{}")
-    with pytest.raises(ConfigError, match="already has checkpoints"):
-        resolve_resume(cfg)
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'r'}", "run.name=r", "run.resume=never"]).resolved()
+    ckpt = os.path.join(cfg.run.storage_path, "r", "checkpoint_00000004")
+    os.makedirs(ckpt)
+    open(os.path.join(ckpt, "llmos_state.json"), "w").write('{"step": 4, "job": "pretrain"}')
+    fresh, start, finished = resolve_resume(cfg)
+    assert (fresh.run.name, fresh.run.output_dir) == ("r-2", f"{tmp_path / 'r'}-2") and start is finished is None
+    assert fresh.run.storage_path == f"{tmp_path / 'r'}-2/checkpoints"
     cfg.run.resume = "auto"
-    assert resolve_resume(cfg) is None
+    same, start, finished = resolve_resume(cfg)
+    assert same.run.name == "r" and start is finished is None  # step 4 of 200: resumable
 
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
