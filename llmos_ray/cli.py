@@ -47,25 +47,85 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def cmd_data_prepare(args) -> None:
     from llmos_ray.data.prepare import prepare, summary
 
-    print(summary(prepare(_load(args))))
+    print(summary(prepare(_load(args)), command()))
 
 
 def cmd_pretrain(args) -> None:
     from llmos_ray.train import pretrain
 
-    print("\n" + pretrain(_load(args)).summary())
+    _train(args, pretrain, "pretrain")
 
 
 def cmd_finetune(args) -> None:
     from llmos_ray.train.finetune import finetune
 
-    print("\n" + finetune(_load(args)).summary())
+    _train(args, finetune, "finetune")
 
 
 def cmd_distill(args) -> None:
     from llmos_ray.train.finetune import distill
 
-    print("\n" + distill(_load(args)).summary())
+    _train(args, distill, "distill")
+
+
+def _train(args, run, job: str) -> None:
+    cfg = _load(args)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        print(f"\nllmos: interrupted. {_resume_hint(cfg, job)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    print("\n" + result.summary(command()))
+
+
+def _resume_hint(cfg, job: str) -> str:
+    """Which checkpoint survived a Ctrl-C, and the command that continues from it."""
+    from llmos_ray.train.runs import read_run
+
+    resolved = cfg.resolved(job)
+    info = read_run(resolved)
+    again = " ".join([command(), *sys.argv[1:]]) if sys.argv[1:2] == [job] else f"{command()} {job} ..."
+    if not info.checkpoints:
+        return f"No checkpoint of run {resolved.run.name!r} was complete yet; `{again}` starts it again."
+    return (f"The last complete checkpoint of run {resolved.run.name!r} is step {info.step} "
+            f"({info.checkpoints[-1].uri}); `{again}` resumes from it (run.resume=auto).")
+
+
+def command() -> str:
+    """How a user's shell reaches this `llmos`: `llmos` when that is on PATH and is this one, else
+    its path (e.g. .venv/bin/llmos after `make run`, whose virtualenv is not activated)."""
+    import shutil
+
+    script = os.path.join(os.path.dirname(sys.executable), "llmos")
+    found = shutil.which("llmos")
+    if found and os.path.realpath(found) == os.path.realpath(script):
+        return "llmos"
+    if os.path.exists(script):
+        relative = os.path.relpath(script)
+        return relative if not relative.startswith("..") else script
+    return f"{sys.executable} -m llmos_ray.cli"
+
+
+def cmd_runs(args) -> None:
+    from llmos_ray.train import runs
+
+    if args.action == "list":
+        found = runs.list_runs(args.root)
+        if not found:
+            print(f"no runs under {args.root}/ yet; start one: {command()} pretrain")
+            return
+        print(f"{'run':24} {'job':9} {'step':>11} {'loss':>8} {'val_loss':>8}  export")
+        for info in found:
+            loss, val = info.metric("loss"), info.metric("val_loss")
+            print(f"{info.name:24} {info.job or '-':9} {f'{info.step}/{info.max_steps}':>11} "
+                  f"{f'{loss[-1][1]:.4f}' if loss else '-':>8} {f'{val[-1][1]:.4f}' if val else '-':>8}  "
+                  f"{info.export_dir or '-'}")
+        return
+    info = runs.find_run(args.run, args.root)
+    print(runs.describe_run(info))
+    if info.history:
+        path = args.plot or os.path.join(info.output_dir, "loss.png")
+        print(f"  plot        {runs.plot_run(info, path)}")
 
 
 def cmd_export(args) -> None:
@@ -189,6 +249,9 @@ CONFIG_COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmos", description="llmos-ray: corpus -> pretrain -> fine-tune -> serve")
+    from llmos_ray import __version__
+
+    parser.add_argument("--version", action="version", version=f"llmos-ray {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("LLMOS_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -218,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--devices", type=int, default=None, help="GPUs to plan for (default train.num_workers)")
     p.set_defaults(func=cmd_plan)
+
+    runs = sub.add_parser("runs", help="look at training runs: progress, losses, checkpoints, export") \
+        .add_subparsers(dest="action", required=True)
+    for action, text in (("list", "the runs under runs/, newest first"),
+                         ("show", "one run: config summary, losses, throughput, checkpoints, export, a loss plot")):
+        r = runs.add_parser(action, help=text)
+        r.add_argument("--root", default="runs", help="where the runs are (default runs/)")
+        if action == "show":
+            r.add_argument("run", help="run name (under --root) or run directory")
+            r.add_argument("--plot", help="PNG to write (default <run>/loss.png)")
+        r.set_defaults(func=cmd_runs)
 
     _serving_parsers(sub)
     _cluster_parser(sub)

@@ -482,9 +482,25 @@ def load_config(path: Optional[str] = None, overrides: Union[list[str], tuple[st
     return from_dict(raw).validate()
 
 
+KEY_SYNONYMS = {
+    "learning_rate": "lr", "lr_rate": "lr", "max_lr": "lr", "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "steps": "max_steps", "num_steps": "max_steps",
+    "max_train_steps": "max_steps", "epochs": "max_steps", "num_train_epochs": "max_steps", "max_seq_len": "seq_len",
+    "max_seq_length": "seq_len", "seq_length": "seq_len", "block_size": "seq_len", "context_length": "seq_len",
+    "max_length": "seq_len", "workers": "num_workers", "world_size": "num_workers", "zero": "zero_stage",
+    "stage": "zero_stage", "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps", "max_grad_norm": "grad_clip",
+    "gradient_clipping": "grad_clip", "clip_grad": "grad_clip", "bf16": "precision", "fp16": "precision",
+    "mixed_precision": "precision", "gradient_checkpointing": "activation_checkpointing",
+    "output": "output_dir", "out_dir": "output_dir", "resume_from_checkpoint": "resume",
+    "model_name_or_path": "base", "pretrained": "base", "dataset": "paths", "data_files": "paths",
+    "train_files": "paths", "lora_rank": "lora_r", "rank": "lora_r",
+}
+"""Names users bring from other trainers (HF Trainer, DeepSpeed, nanoGPT), for "did you mean"."""
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested plain data, rejecting unknown keys and wrong types."""
-    return schema.build(Config, raw)
+    return schema.build(Config, raw, synonyms=KEY_SYNONYMS)
 
 
 def all_keys() -> list[str]:

@@ -17,7 +17,7 @@ import difflib
 import inspect
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from llmos_ray.errors import ConfigError
 
@@ -62,9 +62,11 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build(cls, raw: Any, prefix: str = "", root=None):
+def build(cls, raw: Any, prefix: str = "", root=None, synonyms: Optional[dict[str, str]] = None):
     """An instance of dataclass `cls` from nested plain data, rejecting unknown keys and wrong types.
-    `root` (default `cls`) is searched for a key of the same name in another section (a hint)."""
+    For an unknown key the hint is: the key of the same name in another section of `root` (default
+    `cls`), else the key its name is a common synonym of (`synonyms`, e.g. learning_rate -> lr),
+    else the closest spelling."""
     root = root or cls
     where = prefix.rstrip(".") or "config"
     if isinstance(raw, cls):
@@ -78,19 +80,24 @@ def build(cls, raw: Any, prefix: str = "", root=None):
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            raise ConfigError(unknown_key_message(prefix + str(key), [prefix + n for n in names], cls, root))
+            raise ConfigError(unknown_key_message(prefix + str(key), [prefix + n for n in names], cls, root,
+                                                  synonyms or {}))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = build(hint, value, f"{prefix}{key}.", root)
+            kwargs[key] = build(hint, value, f"{prefix}{key}.", root, synonyms)
         else:
             kwargs[key] = coerce(value, hint, prefix + key)
     return cls(**kwargs)
 
 
-def unknown_key_message(key: str, valid: list[str], cls, root) -> str:
-    leaf = key.rsplit(".", 1)[-1]
-    elsewhere = [k for k in all_keys(root) if k.endswith("." + leaf)]  # train.zero_stage -> deepspeed.zero_stage
-    close = elsewhere or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+def unknown_key_message(key: str, valid: list[str], cls, root, synonyms: Optional[dict[str, str]] = None) -> str:
+    section, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+    every = all_keys(root)
+    elsewhere = [k for k in every if k.endswith("." + leaf)]  # train.zero_stage -> deepspeed.zero_stage
+    meant = (synonyms or {}).get(leaf)
+    synonym = [k for k in every if meant and k.endswith("." + meant)]  # train.learning_rate -> train.lr
+    here = [k for k in synonym if k.startswith(section + ".")]
+    close = here or elsewhere or synonym or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     names = ", ".join(v.rsplit(".", 1)[-1] for v in valid)
     return f"unknown config key {key!r}{hint} (valid keys of {cls.__name__}: {names})"

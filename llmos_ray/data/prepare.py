@@ -152,8 +152,9 @@ def _describe(counts: dict, cfg) -> str:
             f"{counts.get('duplicates', 0)} duplicates, {counts.get('val_documents', 0)} held out for validation")
 
 
-def summary(s: dict) -> str:
-    """The stats of `prepare` for the terminal: what was kept and dropped, where it went, what next."""
+def summary(s: dict, command: str = "llmos") -> str:
+    """The stats of `prepare` for the terminal: what was kept and dropped, where it went, what next
+    (`command` is how the user's shell reaches llmos)."""
     out = s["output_dir"]
     lines = [
         f"corpus     {s['corpus']}",
@@ -171,6 +172,6 @@ def summary(s: dict) -> str:
     lines += [
         f"written    {out}/data, {s['tokenizer']}, {out}/stats.json in {s['seconds']:.1f} s "
         f"({s['tokens_per_second']:,} tokens/s)",
-        f"next       llmos pretrain --config {out}/config.yaml",
+        f"next       {command} pretrain --config {out}/config.yaml",
     ]
     return "\n".join(lines)

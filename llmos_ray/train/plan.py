@@ -19,8 +19,8 @@ def plan_numbers(cfg: Config, num_devices: Optional[int] = None, vocab_size: Opt
     hf = _model_config(cfg, vocab_size)
     n = param_counts(hf)["total"]
     seq = cfg.data.seq_len
-    tokens_per_step = cfg.train.micro_batch_size * accumulation_steps(cfg, cfg.train.num_workers) * \
-        cfg.train.num_workers * seq
+    # On `world` devices: the same global batch (train.global_batch_size) with the accumulation it needs there.
+    tokens_per_step = cfg.train.micro_batch_size * accumulation_steps(cfg, world) * world * seq
     return {
         "params": n, "devices": world, "seq_len": seq, "tokens_per_step": tokens_per_step,
         "flops_per_token": flops_per_token(hf, seq),
@@ -50,7 +50,7 @@ def plan(cfg: Config, num_devices: Optional[int] = None) -> str:
     name = cfg.model.base or f"{cfg.model.family}-{cfg.model.size}"
     lines = [
         f"model {name}: {p['params'] / 1e6:,.1f}M parameters, seq_len {p['seq_len']}, "
-        f"{p['tokens_per_step']:,} tokens/step on {cfg.train.num_workers} workers",
+        f"{p['tokens_per_step']:,} tokens/step on {p['devices']} devices",
         f"FLOPs: {p['flops_per_token']:.3e} per token, {p['flops_per_step']:.3e} per optimizer step",
         f"per-device memory on {p['devices']} devices ({p['precision']} Adam, 16 bytes/param before sharding; "
         f"activations not included):",

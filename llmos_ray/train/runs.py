@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -278,7 +279,7 @@ def describe_run(info: RunInfo) -> str:
         lines.append(f"  val_loss    {vals[-1][1]:.4f} last, {best[1]:.4f} best (step {best[0]})")
     tps = [v for _, v in info.metric("tokens_per_s")]
     if tps:
-        lines.append(f"  throughput  {sorted(tps)[len(tps) // 2]:,.0f} tokens/s (median of {len(tps)} logs)")
+        lines.append(f"  throughput  {statistics.median(tps):,.0f} tokens/s (median of {len(tps)} logs)")
     lines.append(f"  checkpoints {len(info.checkpoints)}" + (f", newest {info.checkpoints[-1].uri}"
                                                              if info.checkpoints else ""))
     lines.append(f"  export      {info.export_dir or '-'}")

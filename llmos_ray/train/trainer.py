@@ -45,8 +45,9 @@ class TrainResult:
     already_finished: bool = False
     """The run had reached train.max_steps before this command: nothing was trained."""
 
-    def summary(self) -> str:
-        """What a user needs at the end: where everything went and the next command."""
+    def summary(self, command: str = "llmos") -> str:
+        """What a user needs at the end: where everything went and the next command (`command` is
+        how the user's shell reaches llmos)."""
         m = self.metrics
         done = f"run {self.run_name!r} already finished at step {m.get('step')}; nothing trained (raise " \
             "train.max_steps to train longer, or give a new run.name)" if self.already_finished else \
@@ -63,7 +64,7 @@ class TrainResult:
                          f"short, {counts.get('duplicates', 0):,} duplicates "
                          f"({os.path.join(self.output_dir, 'data_stats.json')})")
         if self.export_dir:
-            lines += [f"  model:      {self.export_dir}", f"next: llmos serve --model {self.export_dir}"]
+            lines += [f"  model:      {self.export_dir}", f"next: {command} serve --model {self.export_dir}"]
         return "\n".join(lines)
 
 
@@ -96,7 +97,14 @@ def corpus_datasets(cfg: Config, tokenizer) -> tuple[Any, Optional[np.ndarray]]:
             val_blocks = collect_blocks(data.packed_dataset(cfg, tokenizer, "val"), cfg.data.seq_len + 1,
                                         cfg.data.val_max_blocks)
         log.info("validation: %d blocks of %d tokens", len(val_blocks), cfg.data.seq_len + 1)
+        if len(val_blocks) < MIN_VAL_BLOCKS:
+            log.warning("only %d validation block(s) of %d tokens: val_loss and val_ppl will be noisy; raise "
+                        "data.val_fraction or set data.val_paths", len(val_blocks), cfg.data.seq_len + 1)
     return train_ds, val_blocks
+
+
+MIN_VAL_BLOCKS = 16
+"""Fewer validation blocks than this give a noisy validation loss: warned."""
 
 
 def report_data_counts(cfg: Config) -> Optional[dict]:
@@ -221,12 +229,13 @@ def resolve_resume(cfg: Config, job: str = "pretrain") -> tuple[Config, Optional
 
 
 def record_config(cfg: Config) -> None:
-    """A run's config.yaml says what it trained on and is written once, when it starts; a resume
-    with other (non-identity) settings, such as a longer train.max_steps, is appended to resumes.jsonl."""
+    """A run's config.yaml says what it trained on and is written when it starts (over what `llmos
+    data prepare` left there); a resume with other (non-identity) settings, such as a longer
+    train.max_steps, is appended to resumes.jsonl instead."""
     from llmos_ray.train import runs
 
     path = os.path.join(cfg.run.output_dir, "config.yaml")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not runs.checkpoints_of(cfg):
         save_config(cfg, path)
         return
     import yaml
