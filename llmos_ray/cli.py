@@ -252,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     from llmos_ray import __version__
 
     parser.add_argument("--version", action="version", version=f"llmos-ray {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("LLMOS_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("LLMOS_LOG_LEVEL", "INFO"),
+                        help="what --verbose shows (default INFO)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show Ray's, DeepSpeed's and every INFO message live, not only in the run's llmos.log")
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmos_ray.errors import find_ours
 
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level.upper())
+    _setup_logging(args.log_level.upper(), args.verbose)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:
         args.func(args)
@@ -394,9 +397,18 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging(level: str) -> None:
-    """Library logs with a time and a source on stderr; progress lines (`llmos_ray.progress`) bare on stdout."""
+def _setup_logging(level: str, verbose: bool = False) -> None:
+    """Progress lines (`llmos_ray.progress`) bare on stdout; other log lines on stderr with a time and
+    a source: warnings and errors only, unless --verbose (a run's llmos.log has them all anyway)."""
+    from llmos_ray import runtime
+
+    runtime.set_verbose(verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level if verbose else max(logging.getLevelName(level), logging.WARNING))
+        if not verbose:
+            handler.addFilter(lambda record: record.name != "py.warnings")
+    logging.captureWarnings(True)  # deprecation warnings become log records: in llmos.log, not on the console
     progress = logging.getLogger("llmos_ray.progress")
     if progress.handlers:  # main() called again in one process (tests, notebooks)
         return

@@ -5,12 +5,20 @@ a temp root of its own (RAY_TMPDIR, inherited by its workers). Ray's address loo
 without an address, and Ray Train's state queries inside the run — otherwise scans the machine's
 running clusters and, with another Ray up (a `ray start` cluster, a notebook), fails with "Found
 multiple active Ray instances" or queries the wrong one. To use a running cluster, set RAY_ADDRESS.
+
+Where output goes (`run_log`): while a command works on a run, everything Ray, DeepSpeed, wandb
+and our own INFO logs say — in this process and in every worker of a Ray we started — is appended
+to the run's `llmos.log`; the console keeps progress lines, warnings and errors (`verbose`: all).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,116 @@ def init_ray(num_cpus: int | None = None) -> bool:
         env["RAY_TMPDIR"] = os.environ["RAY_TMPDIR"]
         ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=None,
                  _temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"))
+        _route_worker_output()
     log.info("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Where output goes
+
+WORKER_LOG_FORMAT = "llmos %(levelname)s %(name)s: %(message)s"
+"""How our loggers write inside Ray workers, so the driver can tell our warnings from the rest."""
+_OURS = re.compile(r"llmos (WARNING|ERROR|CRITICAL) ")
+_state: dict = {"path": None, "file": None, "verbose": False}
+_lock = threading.Lock()
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show everything on the console, as it comes (the CLI's --verbose)."""
+    _state["verbose"] = verbose
+
+
+@contextlib.contextmanager
+def run_log(output_dir: str):
+    """While the block runs, append every log line of this process (INFO and up) and the output of
+    the Ray workers we started to `<output_dir>/llmos.log` (local output dirs only). Yields its path."""
+    if "://" in output_dir and not output_dir.startswith("file://"):
+        yield None
+        return
+    path = os.path.join(output_dir.removeprefix("file://"), "llmos.log")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = [logging.getLogger(), logging.getLogger("ray"), logging.getLogger("llmos_ray.progress")]
+    previous = {lg: lg.level for lg in loggers}
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    # Ray's own console handler prints its INFO lines (a banner per start); keep those for the file.
+    ray_console = [h for h in logging.getLogger("ray").handlers if h is not handler and not _state["verbose"]]
+    console_levels = {h: h.level for h in ray_console}
+    for h in ray_console:
+        h.setLevel(max(h.level, logging.WARNING))
+    with _lock:
+        before = _state["path"], _state["file"]
+        _state["path"], _state["file"] = path, open(path, "a", buffering=1)
+    logging.getLogger("llmos_ray.progress").info("log: %s (all of Ray's, DeepSpeed's and our messages; "
+                                                 "--verbose shows them here)", path)
+    try:
+        yield path
+    finally:
+        for h, level in console_levels.items():
+            h.setLevel(level)
+        with _lock:
+            _state["file"].close()
+            _state["path"], _state["file"] = before
+        for lg in loggers:
+            lg.removeHandler(handler)
+            lg.setLevel(previous[lg])
+        handler.close()
+
+
+def worker_logging() -> None:
+    """Call first in code that runs in a Ray worker (the training loop, an inference actor): our
+    loggers write `llmos LEVEL name: message`, which the driver shows when it is a warning or an
+    error and files with the rest otherwise."""
+    logger = logging.getLogger("llmos_ray")
+    if any(getattr(h, "llmos_worker", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(WORKER_LOG_FORMAT))
+    handler.llmos_worker = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _route_worker_output() -> None:
+    """Take over the printing of worker output in this driver (Ray's log monitor hands every batch of
+    worker lines to a dispatcher): each line goes to the current run log, and to the console only
+    when it is one of our warnings or errors (or everything, verbose). Without a run log, or when
+    this Ray version has no such dispatcher, Ray prints as usual."""
+    try:
+        from ray._private import ray_logging
+    except ImportError:
+        return
+    dispatcher = getattr(ray_logging, "global_worker_stdstream_dispatcher", None)
+    default = next((h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"), None)
+    if default is None:
+        return
+
+    def route(data) -> None:
+        with _lock:
+            sink = _state["file"]
+        if sink is None or _state["verbose"]:
+            default(data)
+        if sink is None:
+            return
+        who = data.get("actor_name") or data.get("task_name") or "worker"
+        prefix = f"({who} pid={data.get('pid')}) "
+        with _lock:
+            for line in data.get("lines", []):
+                sink.write(prefix + line + "\n")
+        if not _state["verbose"]:
+            for line in data.get("lines", []):
+                if _OURS.match(line):
+                    print(line.removeprefix("llmos "), file=sys.stderr, flush=True)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("llmos_run_log", route)
 
 
 def worker_resources(cpus_per_worker: float | None, num_workers: int, use_gpu: bool) -> dict:

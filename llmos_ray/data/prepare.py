@@ -33,18 +33,26 @@ _SUMMED = ("records", "documents", "train_documents", "val_documents", "dropped_
 def prepare(cfg) -> dict:
     """Run the corpus pipeline for `cfg` and write tokenizer, packed splits and stats.json (see
     module doc). Returns the stats (`summary(stats)` says what was written and the next command)."""
+    from llmos_ray.data.corpus import check_corpus
+    from llmos_ray.runtime import run_log
+
+    cfg = cfg.resolved()
+    check_corpus(cfg.data)
+    with run_log(cfg.run.output_dir):
+        return _prepare(cfg)
+
+
+def _prepare(cfg) -> dict:
     import fsspec
 
     from llmos_ray.config import save_config
-    from llmos_ray.data.corpus import check_corpus, resolve_corpus
+    from llmos_ray.data.corpus import resolve_corpus
     from llmos_ray.data.pipeline import has_validation
     from llmos_ray.data.stats import corpus_stats
     from llmos_ray.data.tokenizer import get_tokenizer, tokenizer_dir
     from llmos_ray.errors import reraise_ours
     from llmos_ray.runtime import init_ray
 
-    cfg = cfg.resolved()
-    check_corpus(cfg.data)
     start = time.time()
     out = cfg.run.output_dir.rstrip("/")
     fs, root = fsspec.core.url_to_fs(out)

@@ -19,13 +19,24 @@ DEFAULT_BASE = os.path.join("runs", "default", "export")
 
 def finetune(cfg: Config) -> TrainResult:
     """Supervised fine-tuning of `model.base` on `finetune.paths` (or the embedded instruction set)."""
-    from llmos_ray.data import load_tokenizer
-    from llmos_ray.data.sft import build_examples, ensure_chat_template
-    from llmos_ray.runtime import init_ray
+    from llmos_ray.runtime import init_ray, run_log
 
     cfg, resume_from, finished = resolve_resume(_with_base(cfg.resolved("finetune")), "finetune")
     if finished is not None:
         return finished
+    with run_log(cfg.run.output_dir):
+        tokenizer, train, val = _examples(cfg)
+        init_ray()
+        val_blocks = val.blocks()[: cfg.data.val_max_blocks] if val is not None else None
+        return run_training(cfg, tokenizer, {"train": train.blocks()}, val_blocks, resume_from, job="finetune",
+                            data_counts={"train": train.counts, "val": val.counts if val else None})
+
+
+def _examples(cfg: Config):
+    """(tokenizer with a chat template, train examples, held-out examples or None) of a fine-tuning run."""
+    from llmos_ray.data import load_tokenizer
+    from llmos_ray.data.sft import build_examples, ensure_chat_template
+
     tokenizer = load_tokenizer(cfg.model.base)
     ensure_chat_template(tokenizer)
     train_records, val_records = instruction_records(cfg)
@@ -35,10 +46,7 @@ def finetune(cfg: Config) -> TrainResult:
     progress_log.info("fine-tuning data: %s%s", _describe(train.counts),
                       f"; held out: {val.counts['examples']}" if val else "")
     _check_batch(cfg, len(train.tokens))
-    init_ray()
-    val_blocks = val.blocks()[: cfg.data.val_max_blocks] if val is not None else None
-    return run_training(cfg, tokenizer, {"train": train.blocks()}, val_blocks, resume_from, job="finetune",
-                        data_counts={"train": train.counts, "val": val.counts if val else None})
+    return tokenizer, train, val
 
 
 def distill(cfg: Config) -> TrainResult:
@@ -46,7 +54,7 @@ def distill(cfg: Config) -> TrainResult:
     against a frozen teacher's logits (`distill.teacher`), with the teacher's tokenizer."""
     from llmos_ray import data
     from llmos_ray.data.corpus import check_corpus
-    from llmos_ray.runtime import init_ray
+    from llmos_ray.runtime import init_ray, run_log
     from llmos_ray.train.trainer import corpus_datasets
 
     cfg = cfg.resolved("distill")
@@ -55,11 +63,12 @@ def distill(cfg: Config) -> TrainResult:
     cfg, resume_from, finished = resolve_resume(cfg, "distill")
     if finished is not None:
         return finished
-    check_corpus(cfg.data)
-    tokenizer = data.load_tokenizer(cfg.distill.teacher)
-    init_ray()
-    train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
-    return run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from, job="distill")
+    with run_log(cfg.run.output_dir):
+        check_corpus(cfg.data)
+        tokenizer = data.load_tokenizer(cfg.distill.teacher)
+        init_ray()
+        train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
+        return run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from, job="distill")
 
 
 def _with_base(cfg: Config) -> Config:

@@ -72,17 +72,18 @@ def pretrain(cfg: Config) -> TrainResult:
     """Pretrain `cfg.model` on `cfg.data` with Ray Train + DeepSpeed ZeRO; export at the end."""
     from llmos_ray import data
     from llmos_ray.data.corpus import check_corpus
-    from llmos_ray.runtime import init_ray
+    from llmos_ray.runtime import init_ray, run_log
 
     cfg, resume_from, finished = resolve_resume(cfg.resolved(), "pretrain")  # before anything starts
     if finished is not None:
         return finished
-    check_corpus(cfg.data)
-    tokenizer = data.get_tokenizer(cfg)
-    init_ray()
-    train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
-    result = run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
-    result.data_counts = report_data_counts(cfg)
+    with run_log(cfg.run.output_dir):
+        check_corpus(cfg.data)
+        tokenizer = data.get_tokenizer(cfg)
+        init_ray()
+        train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
+        result = run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
+        result.data_counts = report_data_counts(cfg)
     return result
 
 
