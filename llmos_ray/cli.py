@@ -403,6 +403,9 @@ def _setup_logging(level: str, verbose: bool = False) -> None:
     from llmos_ray import runtime
 
     runtime.set_verbose(verbose)
+    if not verbose:  # progress bars of transformers, DeepSpeed and the hub: the run log says when a step ended
+        for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+            os.environ.setdefault(var, "1")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:
         handler.setLevel(level if verbose else max(logging.getLevelName(level), logging.WARNING))

@@ -89,21 +89,15 @@ def run_log(output_dir: str):
         lg.addHandler(handler)
         if lg.getEffectiveLevel() > logging.INFO:
             lg.setLevel(logging.INFO)
-    # Ray's own console handler prints its INFO lines (a banner per start); keep those for the file.
-    ray_console = [h for h in logging.getLogger("ray").handlers if h is not handler and not _state["verbose"]]
-    console_levels = {h: h.level for h in ray_console}
-    for h in ray_console:
-        h.setLevel(max(h.level, logging.WARNING))
     with _lock:
         before = _state["path"], _state["file"]
         _state["path"], _state["file"] = path, open(path, "a", buffering=1)
+    _quiet_ray_console()
     logging.getLogger("llmos_ray.progress").info("log: %s (all of Ray's, DeepSpeed's and our messages; "
                                                  "--verbose shows them here)", path)
     try:
         yield path
     finally:
-        for h, level in console_levels.items():
-            h.setLevel(level)
         with _lock:
             _state["file"].close()
             _state["path"], _state["file"] = before
@@ -111,6 +105,32 @@ def run_log(output_dir: str):
             lg.removeHandler(handler)
             lg.setLevel(previous[lg])
         handler.close()
+
+
+CONSOLE_NOISE = (
+    "Token authentication is enabled for this Ray cluster",  # every local start; it is on, as it should be
+    "PYTHON worker processes have been started",  # the raylet, when a 2-core machine starts Ray Data actors
+)
+"""Warnings Ray prints on every run of a small machine that ask nothing of the user: file only."""
+
+
+def _is_noise(text: str) -> bool:
+    return any(n in text for n in CONSOLE_NOISE)
+
+
+def _quiet_ray_console() -> None:
+    """Ray's console handler (which ray.init sets up again) shows warnings and errors only, and not
+    CONSOLE_NOISE; its INFO lines (a banner per start, each dataset's plan) reach the run log."""
+    if _state["verbose"]:
+        return
+    for h in logging.getLogger("ray").handlers:
+        if not isinstance(h, logging.FileHandler):
+            h.setLevel(max(h.level, logging.WARNING))
+            if not any(getattr(f, "llmos_noise", False) for f in h.filters):
+                noise = logging.Filter()
+                noise.filter = lambda record: not _is_noise(record.getMessage())
+                noise.llmos_noise = True
+                h.addFilter(noise)
 
 
 def worker_logging() -> None:
@@ -161,6 +181,26 @@ def _route_worker_output() -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("llmos_run_log", route)
+    _quiet_ray_console()
+    # The raylet's messages (a worker killed for memory, a node lost) are printed by another thread
+    # through this module function: the run log gets them all, the console those that are not noise.
+    from ray._private import worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None:
+        return
+
+    def print_raylet(data, ignore_prefix):
+        with _lock:
+            sink = _state["file"]
+        if sink is not None:
+            with _lock:
+                for line in data.get("lines", []):
+                    sink.write(f"({data.get('pid')}) {line}\n")
+        if sink is None or _state["verbose"] or not all(_is_noise(line) for line in data.get("lines", [])):
+            printer(data, ignore_prefix)
+
+    ray_worker.print_to_stdstream = print_raylet
 
 
 def worker_resources(cpus_per_worker: float | None, num_workers: int, use_gpu: bool) -> dict:

@@ -40,6 +40,35 @@ def ray_tmp(only_ray_on_this_machine):
     stop_ray_started_under(path)
 
 
+def assert_command_serves(command: str, ray_tmp: str) -> None:
+    """Run a printed `… serve --model DIR` command as a user's shell would, until it answers a request."""
+    import shlex
+    import signal
+    import time
+
+    import httpx
+
+    from tests.serve.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([*shlex.split(command), "--port", str(port)], env=llmos_env(ray_tmp),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                               json={"model": "run", "prompt": "import os", "max_tokens": 3})
+                assert r.status_code == 200, r.text
+                return
+            except httpx.TransportError:
+                time.sleep(1)
+        raise AssertionError(f"`{command}` did not serve: {proc.stdout.read() if proc.poll() is not None else ''}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
 def read_metrics(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -47,14 +76,36 @@ def read_metrics(out_dir):
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def test_pretrain_cli_default_cpus_does_not_hang_and_learns(tmp_path, ray_tmp):
+def test_pretrain_cli_as_a_user_runs_it(tmp_path, ray_tmp):
+    """`llmos pretrain` in a fresh process with the 2-CPU defaults, beside another Ray on the machine
+    (a `ray start` cluster): it neither hangs nor is disturbed by it; the console holds progress,
+    warnings and the summary, while Ray's chatter is in the run's llmos.log; the printed `next:`
+    command serves the model."""
+    from llmos_ray import cluster
+
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "llmos_ray.cli", "pretrain", "--config", TINY, f"run.output_dir={out}",
            "train.max_steps=20", "train.eval_every=10", "data.max_documents=120"]
-    proc = subprocess.run(cmd, env=llmos_env(ray_tmp), capture_output=True, text=True, timeout=420)
+    other = cluster.up(num_cpus=1, temp_dir=tempfile.mkdtemp(prefix="llo", dir="/tmp"), dashboard_port=0, port=0,
+                       metrics_port=0)
+    try:
+        proc = subprocess.run(cmd, env=llmos_env(ray_tmp), capture_output=True, text=True, timeout=420)
+    finally:
+        cluster.down(other)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Requesting resources: {'CPU': 0.5} * 2" in proc.stdout + proc.stderr  # 2 CPUs: half each
-    assert f"next: llmos serve --model {out / 'export'}" in proc.stdout
+    console = proc.stdout + proc.stderr
+    log_text = open(out / "llmos.log").read()
+    assert "Requesting resources: {'CPU': 0.5} * 2" in log_text  # 2 CPUs: half each
+    for chatter in ("Reporting training result", "TrainingReport(", "multiple active Ray instances", "wandb:",
+                    "Started a local Ray instance", "Token authentication", "streaming_executor", "PYTHON worker",
+                    "Processing zero checkpoint", "it/s]"):
+        assert chatter not in console, chatter
+    assert [line.split(" |")[0] for line in proc.stdout.splitlines() if line.startswith("step ")] == [
+        f"step {s}/20" for s in (5, 10, 15, 20)]  # pretrain_tiny.yaml: train.log_every=5
+    assert f"log: {out / 'llmos.log'}" in proc.stdout
+    next_line = proc.stdout.strip().splitlines()[-1]
+    assert next_line.startswith("next: ") and next_line.endswith(f"serve --model {out / 'export'}")
+    assert_command_serves(next_line.removeprefix("next: "), ray_tmp)
     vals = [m["val_ppl"] for m in read_metrics(out) if "val_ppl" in m]
     assert len(vals) == 2 and vals[1] < vals[0]
     from llmos_ray.config import load_config
