@@ -31,14 +31,12 @@ from llmos_ray.config import Config, ServeConfig, all_keys, from_dict, load_conf
 from llmos_ray.errors import ConfigError
 from llmos_ray.schema import set_dotted, yaml_value
 from llmos_ray.serve import apps, kserve
-from llmos_ray.serve.engine import GenerationRequest, Result, SamplingParams, model_deployment
+from llmos_ray.serve.replica import model_deployment
 from llmos_ray.serve.safety import SafetyPolicy
 from llmos_ray.serve.schemas import (
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
-    bad_request,
     chat_choice,
     chat_chunk,
     chat_response,
@@ -52,6 +50,7 @@ from llmos_ray.serve.schemas import (
     usage_chunk,
 )
 from llmos_ray.serve.spec import ModelSpec, resolve_models
+from llmos_ray.serve.types import APIError, GenerationRequest, Result, SamplingParams, bad_request
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmos_ray.serve.schemas import APIError, bad_request
+from llmos_ray.serve.types import APIError, bad_request
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from llmos_ray.serve.schemas import APIError
+from llmos_ray.serve.types import APIError
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
                  "ignore_eos", "min_tokens")

@@ -14,32 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmos_ray.errors import LlmosError
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "overloaded_error"}
-
-
-class APIError(LlmosError):
-    """An HTTP error with OpenAI's error body. Raised anywhere below a route; picklable across Ray."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def __reduce__(self):
-        return (APIError, (self.status, self.message, self.param, self.code, self.headers))
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
+from llmos_ray.serve.types import APIError
 
 
 class _Request(BaseModel):

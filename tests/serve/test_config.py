@@ -13,8 +13,9 @@ from llmos_ray.config import load_config
 from llmos_ray.errors import ConfigError, ModelError
 from llmos_ray.serve import kserve
 from llmos_ray.serve.app import as_config, emit_config
-from llmos_ray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from llmos_ray.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from llmos_ray.serve.spec import resolve_models
+from llmos_ray.serve.types import APIError
 
 
 def test_parse_body_names_the_bad_field():
