@@ -156,7 +156,7 @@ def cmd_serve(args) -> None:
         overrides.append(f"registry.uri={args.registry}")
     cfg = load_config(args.config, overrides)
     if args.emit_config:
-        from llmos_ray.serve.app import emit_config
+        from llmos_ray.serve.build import emit_config
 
         emit_config(cfg, args.emit_config)
         print(f"wrote {args.emit_config}\nrun it: serve run {args.emit_config}   (on a cluster: serve deploy "

@@ -318,7 +318,7 @@ class ModelWorker:
         import torch
 
         from llmos_ray.models import context_length
-        from llmos_ray.serve.engine import load_model
+        from llmos_ray.serve.loading import load_model
         from llmos_ray.serve.spec import ModelSpec
 
         torch.set_num_threads(settings["threads"])

@@ -4,9 +4,21 @@
     handle = llmos_ray.serve.serve(cfg)      # cfg: Config (serve.models = dirs or registry names)
     # -> http://{serve.host}:{serve.port}/v1/chat/completions, /v1/completions, /v2/models/{name}/infer
 
-Modules: engine (batched generation, the model deployment), app (HTTP ingress, build_app),
-schemas (OpenAI shapes), safety, apps (ready-made prompt apps), kserve (v2 protocol), spec
-(config -> served models), vllm (optional GPU engine), metrics.
+A request's way through the modules:
+
+    build       build_app / emit_config: config -> spec per model (spec) -> the Serve application
+    ingress     the FastAPI routes (one Ingress deployment), each delegating to:
+      middleware    request ids, API keys, body limit, request metrics, the error shape
+      openai        /v1/completions and /v1/chat/completions: one pipeline; /v1/models
+      kserve        the KServe v2 / Triton protocol and its routes
+      prompt_apps   ready-made prompt apps (/v1/apps)
+      protocol      JSON bodies parsed and validated, OpenAI request models and response shapes, SSE
+      dispatch      the served models seen from the ingress: retries, max_tokens cap, safety (safety)
+    replica     ModelServer: one model's Serve deployment, feeding
+      engine        the continuous-batching Engine (sampling: the next token per row)
+      loading       load_model: exports, hub ids, LoRA adapters, int8, device and dtype
+    types       what travels between ingress and replicas: GenerationRequest, Chunk, Result, APIError
+    vllm        the optional vLLM engine (GPU), metrics   the Ray metrics both sides record
 """
 
 from __future__ import annotations
@@ -22,8 +34,8 @@ _started_ray = False
 
 
 def build_app(config: Any = None):
-    """The Serve application for `config` (see llmos_ray.serve.app.as_config for what it accepts)."""
-    from llmos_ray.serve.app import build_app as _build
+    """The Serve application for `config` (see llmos_ray.serve.build.as_config for what it accepts)."""
+    from llmos_ray.serve.build import build_app as _build
 
     return _build(config)
 
@@ -38,8 +50,8 @@ def serve(config: Any = None):
     global _started_ray
     from ray import serve as ray_serve
 
-    from llmos_ray.serve.app import as_config
-    from llmos_ray.serve.app import build_app as _build
+    from llmos_ray.serve.build import as_config
+    from llmos_ray.serve.build import build_app as _build
 
     cfg = as_config(config)
     app = _build(cfg)  # resolve models (registry, paths) before starting anything
@@ -59,7 +71,7 @@ def run_until_stopped(config: Any = None) -> None:
     import ray
     from ray import serve as ray_serve
 
-    from llmos_ray.serve.app import as_config
+    from llmos_ray.serve.build import as_config
 
     cfg = as_config(config)
     stop = threading.Event()

@@ -1,89 +1,38 @@
-"""Text generation: a transformers model behind a batching scheduler, and the Ray Serve deployment
-that feeds it.
+"""Text generation: a transformers model behind a continuous-batching scheduler (plain Python, no Ray).
 
-`Engine` (plain Python, no Ray) owns the model, the tokenizer and one scheduler thread. Requests
-join the running batch between two tokens (continuous batching): the newcomers' prompts are
-prefilled together with left padding, their KV cache is left-padded to the running one's length
-and concatenated on the batch axis, and finished rows leave the batch at once. Every row has its
-own sampling settings (greedy at temperature 0, temperature/top_p, seed, penalties, stop strings,
-max_tokens), so one batch mixes any requests. The event loop never runs model code.
+    engine = Engine(model, tokenizer, name="tiny", max_batch_size=8)   # or Engine.load(spec)
+    engine.generate("def main():", max_tokens=16, temperature=0).text    # blocking (tests, notebooks)
+    ids, params, stop_ids = engine.prepare(GenerationRequest(...))        # what a replica does, then
+    engine.submit(ids, params, sink, stop_ids)                            # `sink` receives Chunks
 
-`ModelServer` is the Serve deployment of one model: `@serve.batch` (max_batch_size,
-batch_wait_timeout_s) groups concurrent arrivals into one admission, and each request streams
-`Chunk`s back as they are decoded.
+`Engine` owns the model, the tokenizer and one scheduler thread. Requests join the running batch
+between two tokens (continuous batching): the newcomers' prompts are prefilled together with left
+padding, their KV cache is left-padded to the running one's length and concatenated on the batch
+axis, and finished rows leave the batch at once. Every row has its own sampling settings (greedy
+at temperature 0, temperature/top_p, seed, penalties, stop strings, max_tokens), so one batch
+mixes any requests (the next token per row: `sampling.sample`). The caller's event loop never runs
+model code. The Serve deployment that feeds it is `replica.ModelServer`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
-from llmos_ray.errors import ModelError
 from llmos_ray.models import context_length, eos_token_ids
-from llmos_ray.serve.schemas import APIError, bad_request
+from llmos_ray.serve.loading import load_model
+from llmos_ray.serve.sampling import sample
 from llmos_ray.serve.spec import ModelSpec
-from llmos_ray.storage import localize
+from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, SamplingParams, bad_request
 
 log = logging.getLogger(__name__)
 
 TURN_END_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: Optional[int] = None
-    """None = the rest of the context, capped by the model's max_tokens_limit."""
-    temperature: float = 1.0
-    """0 = greedy."""
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Optional[dict[int, float]] = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-
-
-@dataclass
-class GenerationRequest:
-    """What the HTTP ingress sends a model replica: a prompt, chat messages or token ids."""
-
-    params: SamplingParams
-    prompt: Optional[str] = None
-    messages: Optional[list[dict[str, str]]] = None
-    prompt_token_ids: Optional[list[int]] = None
-
-
-@dataclass
-class Chunk:
-    """A piece of one request's output; the last one has finish_reason set."""
-
-    text: str
-    finish_reason: Optional[str] = None
-    """'stop', 'length', or 'error' (then `error` says why)."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    batch_size: int = 0
-    """Most rows decoded together while this request ran."""
-    error: Optional[str] = None
-
-
-@dataclass
-class Result:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    batch_size: int
-    ttft_s: float
 
 
 class _Row:
@@ -375,34 +324,8 @@ class Engine:
                 self._mask = self._mask[:, first:]
 
     def _advance(self, rows: list[_Row], logits) -> None:
-        for row, token in zip(rows, self._sample(rows, logits)):
+        for row, token in zip(rows, sample(rows, logits)):
             self._accept(row, token)
-
-    def _sample(self, rows: list[_Row], logits) -> list[int]:
-        import torch
-
-        logits = logits.float()
-        for i, r in enumerate(rows):
-            p = r.params
-            if p.logit_bias:
-                for token, bias in p.logit_bias.items():
-                    logits[i, int(token)] += bias
-            if r.counts is not None:
-                logits[i] -= p.frequency_penalty * r.counts + p.presence_penalty * (r.counts > 0).float()
-            if (p.ignore_eos or len(r.generated) < p.min_tokens) and r.stop_ids:
-                logits[i, list(r.stop_ids)] = float("-inf")
-        tokens = logits.argmax(dim=-1).tolist()
-        for i, r in enumerate(rows):
-            p = r.params
-            if p.temperature > 0:
-                probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-                if p.top_p < 1.0:
-                    sorted_probs, order = probs.sort(descending=True)
-                    outside = sorted_probs.cumsum(0) - sorted_probs > p.top_p
-                    sorted_probs[outside] = 0.0
-                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-                tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
-        return tokens
 
     def _accept(self, row: _Row, token: int) -> None:
         """Append a sampled token to `row`, find stops, and emit the text that is safe to show."""
@@ -509,245 +432,3 @@ def collect_sync(chunks: "queue.Queue[Chunk]", t0: float) -> Result:
         parts.append(c.text)
         if c.finish_reason:
             return Result("".join(parts), c.finish_reason, c.prompt_tokens, c.completion_tokens, c.batch_size, first)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_model(spec: ModelSpec):
-    """(model, tokenizer, device) for a spec: local or remote export, hub id, or LoRA adapter over a base."""
-    import torch
-
-    from llmos_ray.data.tokenizer import load_tokenizer
-    from llmos_ray.models import load_pretrained
-
-    device = "cuda" if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"model {spec.name!r}: device=cuda but this replica sees no GPU")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(spec.dtype)
-    if dtype is None:
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device == "cuda" \
-            else torch.float32
-    uri = localize(spec.uri)
-    kwargs = dict(trust_remote_code=spec.trust_remote_code, dtype=dtype)
-    if spec.base_uri:
-        from peft import PeftModel
-
-        base_dir = localize(spec.base_uri)
-        model = PeftModel.from_pretrained(load_pretrained(base_dir, **kwargs), uri).merge_and_unload()
-        has_tokenizer = any(os.path.exists(os.path.join(uri, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-        tok_dir = uri if has_tokenizer else base_dir
-    else:
-        model, tok_dir = load_pretrained(uri, **kwargs), uri
-    tokenizer = load_tokenizer(tok_dir)
-    model.eval().to(device)
-    if spec.quantize == "int8":
-        if device != "cpu":
-            raise ModelError(f"model {spec.name!r}: quantize=int8 (dynamic quantization) runs on CPU only")
-        model = quantize_int8(model)
-    log.info("loaded model %s from %s on %s (%s%s)", spec.name, spec.uri, device, dtype,
-             ", int8" if spec.quantize == "int8" else "")
-    return model, tokenizer, device
-
-
-def quantize_int8(model):
-    """Dynamic int8 quantization of the linear layers (CPU). GPT-2's Conv1D layers become nn.Linear first."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
-                linear.weight.data = child.weight.data.t().contiguous()
-                linear.bias.data = child.bias.data
-                setattr(parent, child_name, linear)
-    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# The Serve deployment
-
-
-def _serve():
-    from ray import serve
-
-    return serve
-
-
-class ModelServer:
-    """One model's replica: an Engine fed by @serve.batch admissions. Built into a deployment by
-    `model_deployment(spec)`."""
-
-    def __init__(self, spec: dict):
-        import torch
-
-        from llmos_ray.serve.metrics import get_metrics
-
-        self.spec = ModelSpec(**spec)
-        torch.set_num_threads(max(1, int(self.spec.num_cpus)))
-        self.engine = Engine.load(self.spec)
-        self.metrics = get_metrics()
-        self._tags = {"model": self.spec.name}
-        self._flusher: Optional[asyncio.Task] = None
-
-        async def admit(items: list[tuple]) -> list[_Row]:
-            return self.engine.submit_many(items)
-
-        admit.__name__ = f"admit_{self.spec.deployment_name}"
-        self._admit = _serve().batch(max_batch_size=self.spec.max_batch_size,
-                                     batch_wait_timeout_s=self.spec.batch_wait_timeout_s)(admit)
-
-    def _start_metrics(self) -> None:
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
-
-    async def _flush_metrics(self, period_s: float = 1.0) -> None:
-        """Copy the engine's counters into Ray metrics once a second (no per-token work on the loop)."""
-        m, tags = self.metrics, self._tags
-        seen_tokens, seen_sizes, t_last = 0, collections.Counter(), time.perf_counter()
-        while True:
-            await asyncio.sleep(period_s)
-            try:
-                stats, now = self.engine.stats, time.perf_counter()
-                tokens = stats["generated_tokens"]
-                if tokens > seen_tokens:
-                    m.generated_tokens.inc(tokens - seen_tokens, tags=tags)
-                m.tokens_per_s.set((tokens - seen_tokens) / (now - t_last), tags=tags)
-                sizes = collections.Counter(stats["batch_sizes"])
-                for size, count in (sizes - seen_sizes).items():
-                    for _ in range(min(count, 1000)):
-                        m.batch_size.observe(size, tags=tags)
-                load = self.engine.load_info()
-                m.queue_depth.set(load["waiting"], tags=tags)
-                m.running.set(load["running"], tags=tags)
-                seen_tokens, seen_sizes, t_last = tokens, sizes, now
-            except Exception:  # metrics must never take the replica down
-                log.exception("metrics flush failed")
-
-    async def info(self) -> dict[str, Any]:
-        e = self.engine
-        return {"name": self.spec.name, "context_length": e.context_length, "chat_template": e.has_chat_template,
-                "device": str(e.device), "quantize": self.spec.quantize, "max_batch_size": e.max_batch_size}
-
-    async def stats(self) -> dict[str, Any]:
-        return {**self.engine.snapshot(), "pid": os.getpid()}
-
-    def check_health(self) -> None:
-        if not self.engine.alive():
-            raise RuntimeError(f"the generation thread of model {self.spec.name!r} died")
-
-    def _prepare(self, request: GenerationRequest):
-        default = self.spec.default_max_tokens if request.messages is None else None
-        return self.engine.prepare(request, default)
-
-    async def generate(self, request: GenerationRequest) -> Union[Result, APIError]:
-        """The whole completion. A bad request comes back as an APIError value, not raised (no
-        traceback in the replica log for a client's mistake)."""
-        t0 = time.perf_counter()
-        try:
-            ids, params, stop_ids = self._prepare(request)
-        except APIError as e:
-            return e
-        self._start_metrics()
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        parts: list[str] = []
-        first: list[float] = []
-
-        def sink(chunk: Chunk) -> None:  # scheduler thread; wakes the loop only at the end
-            if not first:
-                first.append(time.perf_counter() - t0)
-            parts.append(chunk.text)
-            if chunk.finish_reason:
-                loop.call_soon_threadsafe(_resolve, done, chunk)
-
-        row = await self._admit((ids, params, sink, stop_ids))
-        try:
-            last = await done
-        finally:
-            if row.finish is None:
-                self.engine.cancel(row)
-        if last.error:
-            return APIError(500, f"generation failed: {last.error}", code="generation_error")
-        return Result("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                      last.batch_size, first[0] if first else 0.0)
-
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Union[Chunk, APIError]]:
-        """Chunks as they are decoded (coalesced when the reader is slower than the model)."""
-        try:
-            prepared = self._prepare(request)
-        except APIError as e:
-            yield e
-            return
-        async for chunk in self._chunks(prepared, coalesce=True):
-            yield chunk
-
-    async def _chunks(self, prepared, coalesce: bool = False) -> AsyncIterator[Union[Chunk, APIError]]:
-        ids, params, stop_ids = prepared
-        self._start_metrics()
-        chunks: asyncio.Queue[Chunk] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        row = await self._admit((ids, params, lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c), stop_ids))
-        try:
-            while True:
-                chunk = await chunks.get()
-                while coalesce and not chunk.finish_reason and not chunks.empty():
-                    nxt = chunks.get_nowait()  # a slow reader gets fewer, larger pieces
-                    nxt.text = chunk.text + nxt.text
-                    chunk = nxt
-                if chunk.error:
-                    yield APIError(500, f"generation failed: {chunk.error}", code="generation_error")
-                    return
-                yield chunk
-                if chunk.finish_reason:
-                    return
-        finally:
-            if row.finish is None:
-                self.engine.cancel(row)
-
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
-
-
-def _resolve(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def model_deployment(spec: ModelSpec):
-    """The bound Serve deployment of one model, with its autoscaling and capacity settings."""
-    serve = _serve()
-    num_gpus = spec.num_gpus
-    if num_gpus is None:
-        num_gpus = 1 if spec.device == "cuda" or (spec.device == "auto" and _cluster_has_gpus()) else 0
-    options = dict(
-        name=spec.deployment_name,
-        max_ongoing_requests=spec.max_ongoing_requests,
-        max_queued_requests=spec.max_queued_requests,
-        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": num_gpus},
-        health_check_period_s=5,
-        graceful_shutdown_timeout_s=30,
-    )
-    if spec.min_replicas == spec.max_replicas:
-        options["num_replicas"] = spec.max_replicas
-    else:
-        options["autoscaling_config"] = {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
-                                         "target_ongoing_requests": spec.target_ongoing_requests}
-    return serve.deployment(ModelServer).options(**options).bind(spec.to_dict())
-
-
-def _cluster_has_gpus() -> bool:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.cluster_resources().get("GPU", 0) > 0
-    except Exception:
-        pass
-    import torch
-
-    return torch.cuda.is_available()

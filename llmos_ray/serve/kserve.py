@@ -1,23 +1,34 @@
 """The KServe v2 / Triton inference protocol for text models, beside the OpenAI API.
 
+    GET  /v2, /v2/models/{name}[/ready], /v2/health/{live,ready}    server and model metadata, probes
     POST /v2/models/{name}/infer     inputs: text_input (BYTES, one element per prompt); optional
                                      max_tokens, temperature, top_p, seed, ... as request
                                      `parameters` or as one-element inputs
                                   -> outputs: text_output (BYTES, same shape)
+    POST /v2/models/{name}/generate[_stream]   {"text_input": ..., "parameters": {...}}
+                                  -> {"text_output": ..., "finish_reason": ...} (SSE when streamed)
 
 Both JSON tensors and Triton's binary tensor data extension (`Inference-Header-Content-Length`,
 4-byte little-endian length before each BYTES element) are understood, so `tritonclient.http`
-works with its defaults.
+works with its defaults. The protocol's bodies (parse_infer, infer_response, ...) are pure
+functions; `KServeRoutes` is what the /v2 routes do with them. Errors are `{"error": "..."}`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from llmos_ray.serve.schemas import APIError
+from fastapi.responses import JSONResponse, Response
+
+from llmos_ray.serve.dispatch import ServedModels
+from llmos_ray.serve.middleware import RequestContext
+from llmos_ray.serve.protocol import SamplingFields, event_stream, read_json, sse, usage, validate
+from llmos_ray.serve.spec import ModelSpec
+from llmos_ray.serve.types import APIError, GenerationRequest, SamplingParams
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
                  "ignore_eos", "min_tokens")
@@ -51,11 +62,8 @@ def parse_infer(body: bytes, header_length: Optional[str]) -> InferRequest:
         raise bad("Inference-Header-Content-Length must be an integer") from None
     if not 0 <= split <= len(body):
         raise bad(f"Inference-Header-Content-Length {split} is outside the body ({len(body)} bytes)")
-    try:
-        head = json.loads(body[:split])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
+    head = read_json(body[:split])
+    if not isinstance(head.get("inputs"), list):
         raise bad("request must be a JSON object with an 'inputs' list", "inputs")
     binary, offset = body[split:], 0
     values: dict[str, list] = {}
@@ -111,6 +119,17 @@ def infer_response(model: str, request_id: Optional[str], texts: list[str], bina
                           "inference-header-content-length": str(len(header))}
 
 
+def parse_generate(body: bytes) -> tuple[str, dict[str, Any]]:
+    """(text_input, sampling fields) of a /generate body; sampling keys may sit at the top or in `parameters`."""
+    data = read_json(body)
+    if not isinstance(data.get("text_input"), str):
+        raise APIError(400, "text_input: a string is required", param="text_input", code="invalid_value")
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise APIError(400, "parameters: must be an object", param="parameters", code="invalid_value")
+    return data["text_input"], {**{k: v for k, v in data.items() if k in SAMPLING_KEYS}, **parameters}
+
+
 def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
     out, i = [], 0
     while i < len(raw):
@@ -153,3 +172,88 @@ def _text(value) -> str:
         raise APIError(400, f"text_input elements must be strings, got {type(value).__name__}",
                        param="inputs.text_input")
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The routes
+
+
+class KServeRoutes:
+    """What the /v2 routes do; the ingress routes delegate here."""
+
+    def __init__(self, models: ServedModels):
+        self.models = models
+
+    @staticmethod
+    def server_metadata() -> dict[str, Any]:
+        from llmos_ray import __version__
+
+        return {"name": "llmos-ray", "version": __version__, "extensions": ["binary_tensor_data", "generate"]}
+
+    async def server_ready(self) -> Response:
+        ready = all(await asyncio.gather(*(self.models.ready(n) for n in self.models.specs)))
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    def model_metadata(self, name: str) -> dict[str, Any]:
+        return model_metadata(self.models.get(name, param="name").name)
+
+    async def model_ready(self, name: str) -> Response:
+        spec = self.models.get(name, param="name")
+        ready = await self.models.ready(spec.name)
+        return JSONResponse({"name": spec.name, "ready": ready}, status_code=200 if ready else 503)
+
+    def _params(self, raw: dict[str, Any], spec: ModelSpec) -> SamplingParams:
+        fields = validate(raw, SamplingFields, prefix="parameters")
+        return self.models.sampling_params(fields, spec, fields.max_tokens)
+
+    async def infer(self, name: str, body: bytes, header_length: Optional[str], ctx: RequestContext) -> Response:
+        spec = self.models.get(name, ctx, "name")
+        parsed = parse_infer(body, header_length)
+        params = self._params(parsed.sampling, spec)
+        if self.models.input_blocked(spec, parsed.texts):
+            texts, finishes, results = [""] * len(parsed.texts), ["content_filter"] * len(parsed.texts), []
+        else:
+            results = await asyncio.gather(*(self.models.generate(spec, GenerationRequest(params=params, prompt=t))
+                                             for t in parsed.texts))
+            finished = self.models.finish(spec, results)
+            texts, finishes = [t for t, _ in finished], [f for _, f in finished]
+        payload, headers = infer_response(
+            spec.name, parsed.id, texts, "text_output" in parsed.binary_outputs,
+            {"finish_reason": ",".join(finishes), "completion_tokens": sum(r.completion_tokens for r in results)})
+        if results:
+            headers["x-llmos-batch-size"] = str(max(r.batch_size for r in results))
+        return Response(payload, headers=headers)
+
+    def _generate_request(self, name: str, body: bytes, ctx: RequestContext) -> tuple[ModelSpec, GenerationRequest]:
+        spec = self.models.get(name, ctx, "name")
+        text, raw = parse_generate(body)
+        return spec, GenerationRequest(params=self._params(raw, spec), prompt=text)
+
+    async def generate(self, name: str, body: bytes, ctx: RequestContext) -> Response:
+        spec, gen = self._generate_request(name, body, ctx)
+        head = {"model_name": spec.name, "model_version": "1"}
+        if self.models.input_blocked(spec, [gen.prompt]):
+            return JSONResponse({**head, "text_output": "", "finish_reason": "content_filter"})
+        result = await self.models.generate(spec, gen)
+        (text, finish), = self.models.finish(spec, [result])
+        return JSONResponse({**head, "text_output": text, "finish_reason": finish,
+                             "usage": usage(result.prompt_tokens, result.completion_tokens)},
+                            headers={"x-llmos-batch-size": str(result.batch_size)})
+
+    async def generate_stream(self, name: str, body: bytes, ctx: RequestContext) -> Response:
+        spec, gen = self._generate_request(name, body, ctx)
+        head = {"model_name": spec.name, "model_version": "1"}
+        if self.models.input_blocked(spec, [gen.prompt]):
+            async def blocked():
+                yield sse({**head, "text_output": "", "finish_reason": "content_filter"})
+            return event_stream(blocked())
+        first, stream = await self.models.open_stream(spec, gen)
+
+        async def events():
+            try:
+                async for text, finish, _ in self.models.pieces(spec, first, stream, ctx):
+                    if text or finish:
+                        yield sse({**head, "text_output": text, **({"finish_reason": finish} if finish else {})})
+            except Exception as e:
+                yield sse({"error": self.models.stream_error(e, spec).message})
+        return event_stream(events())

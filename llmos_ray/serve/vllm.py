@@ -27,9 +27,9 @@ def vllm_deployment(spec):
     if not available():
         raise ConfigError(f"model {spec.name!r}: engine=vllm needs vllm and ray.serve.llm "
                           "(pip install 'ray[llm]'); or use engine=transformers")
-    from llmos_ray.serve.engine import _cluster_has_gpus
+    from llmos_ray.serve.loading import cluster_has_gpus
 
-    if not _cluster_has_gpus():
+    if not cluster_has_gpus():
         raise ConfigError(f"model {spec.name!r}: engine=vllm needs GPUs and this cluster has none")
     from ray.serve.llm import LLMConfig, build_llm_deployment
 

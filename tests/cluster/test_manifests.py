@@ -17,7 +17,7 @@ import ray
 import yaml
 
 from llmos_ray.config import load_config
-from llmos_ray.serve.app import emit_config
+from llmos_ray.serve.build import emit_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLUSTER = os.path.join(ROOT, "cluster")

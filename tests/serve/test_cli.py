@@ -59,4 +59,4 @@ def test_emit_config(tiny_model_dir, tmp_path, capsys):
     assert main(["serve", "--model", tiny_model_dir, "--port", "9001", "--emit-config", str(path)]) == 0
     assert "serve run" in capsys.readouterr().out
     text = path.read_text()
-    assert "llmos_ray.serve.app:build_app" in text and "port: 9001" in text and tiny_model_dir in text
+    assert "llmos_ray.serve.build:build_app" in text and "port: 9001" in text and tiny_model_dir in text

@@ -12,9 +12,10 @@ import yaml
 from llmos_ray.config import load_config
 from llmos_ray.errors import ConfigError, ModelError
 from llmos_ray.serve import kserve
-from llmos_ray.serve.app import as_config, emit_config
-from llmos_ray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from llmos_ray.serve.build import as_config, emit_config
+from llmos_ray.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from llmos_ray.serve.spec import resolve_models
+from llmos_ray.serve.types import APIError
 
 
 def test_parse_body_names_the_bad_field():
@@ -92,7 +93,7 @@ def test_emitted_serve_config_builds_the_same_app_args(tiny_model_dir, tmp_path)
     emit_config(cfg, str(path))
     doc = yaml.safe_load(path.read_text())
     app = doc["applications"][0]
-    assert app["import_path"] == "llmos_ray.serve.app:build_app" and doc["http_options"]["port"] == 9000
+    assert app["import_path"] == "llmos_ray.serve.build:build_app" and doc["http_options"]["port"] == 9000
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(doc)  # what `serve deploy` and KubeRay accept
@@ -120,3 +121,43 @@ def test_an_adapter_base_relative_to_the_adapter_resolves(tiny_model_dir, lora_d
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "../../base"}))
     uri, base, entry = resolve_source(str(adapter), str(tmp_path / "r.json"))
     assert (uri, entry) == (str(adapter), None) and os.path.samefile(base, tiny_model_dir)
+
+
+def test_middleware_request_ids_and_error_shapes_without_the_serve_proxy():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llmos_ray.serve.middleware import current_request_id, install
+
+    api = install(FastAPI())
+    seen = {}
+
+    @api.get("/v1/echo")
+    async def echo():
+        seen["id"] = current_request_id()
+        return {"ok": True}
+
+    @api.get("/v1/bad")
+    @api.get("/v2/models/m/bad")
+    async def bad():
+        raise APIError(400, "temperature: too hot", param="temperature", code="invalid_value")
+
+    @api.get("/v1/broken")
+    async def broken():
+        raise RuntimeError("disk on fire")
+
+    with TestClient(api) as client:
+        r = client.get("/v1/echo")
+        assert r.headers.get_list("x-request-id") == [seen["id"]] and len(seen["id"]) == 32
+        assert client.get("/v1/bad").json() == {"error": {"message": "temperature: too hot", "type":
+                                                          "invalid_request_error", "param": "temperature",
+                                                          "code": "invalid_value"}}
+        r = client.get("/v2/models/m/bad")
+        assert (r.status_code, r.json()) == (400, {"error": "temperature: too hot"})
+        r = client.get("/v1/no/such/route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = client.get("/v1/broken")
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "disk on fire" in r.json()["error"]["message"] and r.headers["x-request-id"]
+        client.get("/v1/echo", headers={"X-Request-Id": "req-7"})
+        assert seen["id"] == "req-7"

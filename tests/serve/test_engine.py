@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from llmos_ray.serve.engine import Engine, GenerationRequest, SamplingParams, _safe_length, collect_sync, load_model
-from llmos_ray.serve.schemas import APIError
+from llmos_ray.serve.engine import Engine, _safe_length, collect_sync
+from llmos_ray.serve.loading import load_model
 from llmos_ray.serve.spec import ModelSpec
+from llmos_ray.serve.types import APIError, GenerationRequest, SamplingParams
 from tests.serve.reference import greedy, load
 
 PROMPTS = ["def main():", "import os", "The quick brown fox jumps", "x", "class A:\n    pass\n", "return 1"]

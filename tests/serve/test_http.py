@@ -224,6 +224,22 @@ def test_api_keys_from_config_file_and_env(server):
     assert httpx.get(server["url"] + "/v1/models").status_code == 401
 
 
+def test_every_response_carries_its_request_id_once(server):
+    c = server["client"]
+    responses = [c.get("/v1/models", headers={"X-Request-Id": "req-ok"}),
+                 httpx.post(server["url"] + "/v1/completions", json={}, headers={"X-Request-Id": "req-401"}),
+                 c.post("/v1/completions", content=b"{", headers={"X-Request-Id": "req-400"}),
+                 c.get("/v1/no/such/route", headers={"X-Request-Id": "req-404"})]
+    assert [r.headers.get_list("x-request-id") for r in responses] == [["req-ok"], ["req-401"], ["req-400"],
+                                                                       ["req-404"]]
+    assert [r.status_code for r in responses] == [200, 401, 400, 404]
+    with c.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2, "stream": True},
+                  headers={"X-Request-Id": "req-stream"}) as r:
+        assert r.headers.get_list("x-request-id") == ["req-stream"]
+    generated = c.get("/v1/models").headers.get_list("x-request-id")
+    assert len(generated) == 1 and len(generated[0]) >= 16
+
+
 def test_unknown_models_are_404_and_never_paths(server):
     c = server["client"]
     for name in ("nope", "../../etc/passwd", "/etc/passwd", server["tiny"]):
@@ -310,7 +326,7 @@ def test_ready_made_apps(server):
     assert c.post("/v1/apps/poem", json={"model": "lora"}).status_code == 404
 
 
-# -- Last: a crash ---------------------------------------------------------------------------------
+# -- Last: a crash, then the metrics of all the above --------------------------------------------
 
 
 def test_crashed_replica_is_replaced_and_the_app_keeps_answering(server):
@@ -324,3 +340,30 @@ def test_crashed_replica_is_replaced_and_the_app_keeps_answering(server):
     r = c.post("/v1/completions", json=body)  # waits for (or retries onto) the replacement replica
     assert r.status_code == 200, r.text
     assert c.get("/v1/stats").json()["models"]["tiny"]["pid"] != pid
+
+
+def test_requests_are_counted_by_model_route_and_status(server):
+    """Earlier tests' requests, as Prometheus reads them from this node's metrics endpoint (last, so that
+    Ray has exported them by now)."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    want = {("tiny", "completions", "200"), ("tiny", "chat", "200"), ("-", "completions", "401"),
+            ("tiny", "v2/infer", "200"), ("tiny", "v2/generate_stream", "200"), ("lora", "apps/translate", "200"),
+            ("-", "apps/translate", "400"), ("guarded", "completions", "503")}
+    deadline, seen = time.time() + 60, set()
+    while time.time() < deadline and not want <= seen:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        seen = {(labels["model"], labels["route"], labels["status"]) for labels in _series(text, "requests_total")}
+        latency = {(labels["model"], labels["route"]) for labels in _series(text, "request_latency_s_count")}
+        time.sleep(0 if want <= seen else 1)
+    assert want <= seen, sorted(seen)
+    assert {("tiny", "chat"), ("tiny", "v2/generate_stream")} <= latency
+
+
+def _series(text: str, name: str) -> list[dict]:
+    import re
+
+    prefix = f"ray_llmos_serve_{name}{{"
+    return [dict(re.findall(r'(\w+)="([^"]*)"', line[len(prefix):line.index("}")]))
+            for line in text.splitlines() if line.startswith(prefix)]

@@ -6,14 +6,22 @@
 
 Every app also takes the sampling fields of /v1/chat/completions (max_tokens, temperature, top_p,
 seed, stop). The prompt is rendered as chat messages, so the model's chat template applies.
+`APPS` is the catalogue, `render` turns a request into messages, `run` answers a request.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from llmos_ray.serve.schemas import APIError, bad_request
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from llmos_ray.serve.dispatch import ServedModels
+from llmos_ray.serve.middleware import RequestContext
+from llmos_ray.serve.protocol import SamplingFields, new_id, read_json, usage, validate
+from llmos_ray.serve.types import APIError, GenerationRequest, bad_request
 
 
 @dataclass(frozen=True)
@@ -100,3 +108,27 @@ def render(name: str, body: dict[str, Any]) -> tuple[list[dict[str, str]], dict[
                 {"role": "user", "content": app.user.format(**values)}]
     return messages, {"temperature": app.temperature, "max_tokens": app.max_tokens}
 
+
+def route_name(request: Request) -> str:
+    """The metrics route of a request to /v1/apps/{app}: 'apps/<name>' for an app that exists."""
+    app = request.path_params.get("app")
+    return f"apps/{app}" if app in APPS else "apps"
+
+
+async def run(models: ServedModels, app: str, body: bytes, ctx: RequestContext) -> Response:
+    """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
+    data = read_json(body)
+    messages, defaults = render(app, data)
+    spec = models.get(data.get("model"), ctx)
+    given = {k: v for k, v in data.items() if k in SamplingFields.model_fields}
+    fields = validate({**defaults, **given}, SamplingFields)
+    params = models.sampling_params(fields, spec, fields.max_tokens if "max_tokens" in given else None,
+                                    default=defaults["max_tokens"])
+    if models.input_blocked(spec, [m["content"] for m in messages]):
+        text, finish, use = "", "content_filter", usage(0, 0)
+    else:
+        result = await models.generate(spec, GenerationRequest(params=params, messages=messages))
+        (text, finish), = models.finish(spec, [result])
+        use = usage(result.prompt_tokens, result.completion_tokens)
+    return JSONResponse({"id": new_id("app"), "object": "app.completion", "created": int(time.time()), "app": app,
+                         "model": spec.name, "output": text, "finish_reason": finish, "usage": use})

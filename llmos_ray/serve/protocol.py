@@ -1,8 +1,10 @@
-"""Request and response shapes of the HTTP API (OpenAI's), and the error every handler raises.
+"""The HTTP API's shapes: request bodies parsed and validated, OpenAI's request models and response
+dicts, server-sent events.
 
-Requests are parsed from raw bytes by `parse_body`, so malformed JSON and bad fields become
-OpenAI-style 400s that name the field (`{"error": {"message", "type", "param", "code"}}`).
-Unknown fields are ignored, as OpenAI-compatible servers do, so newer SDKs keep working.
+Every route reads its body with `read_json` (one JSON object) and checks it with `validate` (a
+pydantic model), so malformed JSON and bad fields become 400s that name the field, on the OpenAI
+routes, the prompt apps and KServe v2 alike. Unknown fields are ignored, as OpenAI-compatible
+servers do, so newer SDKs keep working.
 """
 
 from __future__ import annotations
@@ -10,36 +12,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, TypeVar, Union
 
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmos_ray.errors import LlmosError
+from llmos_ray.serve.types import APIError
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "overloaded_error"}
-
-
-class APIError(LlmosError):
-    """An HTTP error with OpenAI's error body. Raised anywhere below a route; picklable across Ray."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def __reduce__(self):
-        return (APIError, (self.status, self.message, self.param, self.code, self.headers))
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Request(BaseModel):
@@ -133,14 +113,19 @@ class ChatCompletionRequest(SamplingFields):
     user: Optional[str] = None
 
 
-def parse_body(raw: bytes, model_cls: type[BaseModel]) -> BaseModel:
-    """Bytes -> a validated request, or APIError 400 naming the offending field."""
+def read_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or APIError 400 `invalid_json`. Every route parses its body here."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    return data
+
+
+def validate(data: dict[str, Any], model_cls: type[M], prefix: str = "") -> M:
+    """`data` as a `model_cls`, or APIError 400 naming the offending field (`prefix.field` when given)."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
@@ -148,11 +133,29 @@ def parse_body(raw: bytes, model_cls: type[BaseModel]) -> BaseModel:
         param = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[")))
         # A union reports one error per member: name the field, not pydantic's member labels.
         param = param.split(".list[")[0].split(".str")[0] or None
+        if prefix:
+            param = f"{prefix}.{param}" if param else prefix
         message = first["msg"]
         if first["type"] == "missing":
             message = "field required"
         raise APIError(400, f"{param}: {message}" if param else message, param=param,
                        code="missing_required_parameter" if first["type"] == "missing" else "invalid_value") from None
+
+
+def parse_body(raw: bytes, model_cls: type[M]) -> M:
+    """Bytes -> a validated request, or APIError 400 naming the offending field."""
+    return validate(read_json(raw), model_cls)
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying `data` as compact JSON."""
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """The HTTP response of a stream of server-sent events (not buffered by proxies)."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""The HTTP ingress: the FastAPI routes, each one line into the module that does the work.
+
+    /health                          ingress liveness (no key)
+    /v1/models, /v1/models/{name}    openai.OpenAIRoutes
+    /v1/completions                  openai.OpenAIRoutes.respond(COMPLETIONS, ...)
+    /v1/chat/completions             openai.OpenAIRoutes.respond(CHAT, ...)
+    /v1/stats                        the engines' counters (dispatch.ServedModels.stats)
+    /v1/apps, /v1/apps/{app}         prompt_apps
+    /v2/...                          kserve.KServeRoutes (probes under /v2/health need no key)
+
+Request ids, API keys, the body limit, request metrics and the error shape are the middleware's
+(`middleware`); routing a request to its model's replicas, retries and safety are
+`dispatch.ServedModels`'. One `Ingress` deployment sits in front of one `replica.ModelServer`
+deployment per model (`build.build_app`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from llmos_ray.serve import prompt_apps
+from llmos_ray.serve.dispatch import ServedModels
+from llmos_ray.serve.kserve import KServeRoutes
+from llmos_ray.serve.middleware import Guard, context, install, metered, request_body, resolve_api_keys
+from llmos_ray.serve.openai import CHAT, COMPLETIONS, OpenAIRoutes
+
+log = logging.getLogger(__name__)
+
+api = install(FastAPI(title="llmos-ray", description="OpenAI-compatible and KServe v2 text generation on Ray Serve",
+                      version="1"))
+
+
+class Ingress:
+    """One ingress replica: its API keys and limits (`guard`), the served models, and the routes."""
+
+    def __init__(self, settings: dict[str, Any], specs: list[dict[str, Any]], handles: dict[str, Any]):
+        keys = resolve_api_keys(settings["api_keys"], settings.get("api_keys_file"))
+        self.guard = Guard(keys, settings["max_request_bytes"])
+        self.models = ServedModels(specs, handles, settings["retry_after_s"])
+        self.openai = OpenAIRoutes(self.models)
+        self.kserve = KServeRoutes(self.models)
+        log.info("ingress for models %s; API keys %s", list(self.models.specs),
+                 "required" if keys else "not required")
+
+    # -- OpenAI API --------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        return JSONResponse({"status": "ok", "models": list(self.models.specs)})
+
+    @api.get("/v1/models", dependencies=metered("models"))
+    async def list_models(self) -> Response:
+        return JSONResponse(self.openai.list_models())
+
+    @api.get("/v1/models/{name:path}", dependencies=metered("models"))
+    async def get_model(self, name: str) -> Response:
+        return JSONResponse(self.openai.get_model(name))
+
+    @api.post("/v1/completions", dependencies=metered("completions"))
+    async def completions(self, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.openai.respond(COMPLETIONS, body, context(request))
+
+    @api.post("/v1/chat/completions", dependencies=metered("chat"))
+    async def chat_completions(self, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.openai.respond(CHAT, body, context(request))
+
+    # -- stats and prompt apps ---------------------------------------------------------------
+
+    @api.get("/v1/stats", dependencies=metered("stats"))
+    async def stats(self) -> Response:
+        return JSONResponse({"models": await self.models.stats()})
+
+    @api.get("/v1/apps", dependencies=metered("apps"))
+    async def list_apps(self) -> Response:
+        return JSONResponse(prompt_apps.catalog())
+
+    @api.post("/v1/apps/{app}", dependencies=metered(prompt_apps.route_name))
+    async def run_app(self, app: str, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await prompt_apps.run(self.models, app, body, context(request))
+
+    # -- KServe v2 ---------------------------------------------------------------------------
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> Response:
+        return JSONResponse({"live": True})
+
+    @api.get("/v2/health/ready")
+    async def v2_ready(self) -> Response:
+        return await self.kserve.server_ready()
+
+    @api.get("/v2", dependencies=metered("v2"))
+    async def v2_server(self) -> Response:
+        return JSONResponse(self.kserve.server_metadata())
+
+    @api.get("/v2/models/{name}", dependencies=metered("v2/metadata"))
+    @api.get("/v2/models/{name}/versions/{version}", dependencies=metered("v2/metadata"))
+    async def v2_model(self, name: str, version: str = "1") -> Response:
+        return JSONResponse(self.kserve.model_metadata(name))
+
+    @api.get("/v2/models/{name}/ready", dependencies=metered("v2/ready"))
+    @api.get("/v2/models/{name}/versions/{version}/ready", dependencies=metered("v2/ready"))
+    async def v2_model_ready(self, name: str, version: str = "1") -> Response:
+        return await self.kserve.model_ready(name)
+
+    @api.post("/v2/models/{name}/infer", dependencies=metered("v2/infer"))
+    @api.post("/v2/models/{name}/versions/{version}/infer", dependencies=metered("v2/infer"))
+    async def v2_infer(self, name: str, request: Request, version: str = "1",
+                       body: bytes = Depends(request_body)) -> Response:
+        return await self.kserve.infer(name, body, request.headers.get("inference-header-content-length"),
+                                       context(request))
+
+    @api.post("/v2/models/{name}/generate", dependencies=metered("v2/generate"))
+    async def v2_generate(self, name: str, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.kserve.generate(name, body, context(request))
+
+    @api.post("/v2/models/{name}/generate_stream", dependencies=metered("v2/generate_stream"))
+    async def v2_generate_stream(self, name: str, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.kserve.generate_stream(name, body, context(request))
+
+
+IngressDeployment = serve.ingress(api)(Ingress)

@@ -1,0 +1,219 @@
+"""What every HTTP request to the ingress goes through, whatever its route.
+
+    request id    the X-Request-Id the request came with, else a new one (`current_request_id()`);
+                  it names the request in error logs and comes back as a response header
+    metrics       llmos_serve_requests{model, route, status} and the latency to the last byte
+                  (streams included), for every route that declares `metered(route)`
+    API keys      `Authorization: Bearer <key>` on metered routes (health probes stay open)
+    body limit    serve.max_request_bytes, checked as the body arrives (`request_body`)
+    error shape   APIError -> OpenAI's {"error": {message, type, param, code}} on /v1 and
+                  KServe's {"error": "..."} on /v2; an error no handler caught -> the same, 500
+
+`install(api)` adds the middleware and error handlers to the FastAPI app; a route opts into
+metrics and keys with `dependencies=metered("route")` and reads its body with
+`body: bytes = Depends(request_body)`. Behind Ray Serve's HTTP proxy, the proxy itself accepts or
+generates X-Request-Id and returns it on every response (its own 503s included); this middleware
+reads that id, and returns one itself only when no proxy put one on the request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmos_ray.errors import ConfigError
+from llmos_ray.serve.metrics import get_metrics
+from llmos_ray.serve.types import APIError
+
+log = logging.getLogger(__name__)
+
+API_KEYS_ENV = "LLMOS_API_KEYS"
+REQUEST_ID_HEADER = "x-request-id"
+_STATE_KEY = "llmos"
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("llmos_request_id", default="-")
+
+
+@dataclass
+class RequestContext:
+    """One request as the middleware and the handlers share it (in the ASGI scope's state)."""
+
+    request_id: str
+    t0: float
+    """time.perf_counter() when the request arrived."""
+    route: Optional[str] = None
+    """The metrics route; None = not metered (health probes, unknown paths)."""
+    model: str = "-"
+    """The served model, once a handler has resolved it."""
+    ttft_s: Optional[float] = None
+    """Time to the first streamed text, once seen."""
+
+
+def context(request: Request) -> RequestContext:
+    return request.scope["state"][_STATE_KEY]
+
+
+def current_request_id() -> str:
+    """The id of the request being handled ('-' outside one)."""
+    return _request_id.get()
+
+
+class RequestMiddleware:
+    """Pure ASGI (streams pass through untouched): request id and context, request metrics, and the
+    error shape for an exception no handler caught."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER)
+        ctx = RequestContext(incoming or uuid.uuid4().hex, time.perf_counter())
+        scope.setdefault("state", {})[_STATE_KEY] = ctx
+        token = _request_id.set(ctx.request_id)
+        status, started = 500, False
+
+        async def send_with_id(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                if incoming is None:
+                    MutableHeaders(scope=message).append(REQUEST_ID_HEADER, ctx.request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:
+            log.exception("request %s (%s %s) failed", ctx.request_id, scope["method"], scope["path"])
+            if started:
+                raise
+            error = APIError(500, f"internal error: {type(e).__name__}: {e}", code="server_error")
+            await error_response(scope["path"], error)(scope, receive, send_with_id)
+        finally:
+            _request_id.reset(token)
+            if ctx.route is not None:
+                _observe(ctx, status)
+
+
+def _observe(ctx: RequestContext, status: int) -> None:
+    metrics = get_metrics()
+    metrics.requests.inc(tags={"model": ctx.model, "route": ctx.route, "status": str(status)})
+    metrics.latency.observe(time.perf_counter() - ctx.t0, tags={"model": ctx.model, "route": ctx.route})
+
+
+# -- the error shape ---------------------------------------------------------------------------
+
+
+def error_response(path: str, exc: APIError) -> JSONResponse:
+    """KServe's {"error": message} under /v2, OpenAI's error object elsewhere."""
+    v2 = "/v2/" in path or path.rstrip("/").endswith("/v2")
+    return JSONResponse({"error": exc.message} if v2 else exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(request.url.path, exc)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(request.url.path, APIError(exc.status_code, message,
+                                                     code="not_found" if exc.status_code == 404 else None))
+
+
+def install(api: FastAPI) -> FastAPI:
+    """Add the request middleware and the error handlers to `api`."""
+    api.add_middleware(RequestMiddleware)
+    api.add_exception_handler(APIError, _api_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    return api
+
+
+# -- API keys and the body limit ---------------------------------------------------------------
+
+
+def resolve_api_keys(keys: list[str], keys_file: Optional[str]) -> list[str]:
+    """Keys from the config, $LLMOS_API_KEYS (comma separated) and the keys file, in that order."""
+    found = [k.strip() for k in keys if k.strip()]
+    found += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    if keys_file:
+        try:
+            with open(os.path.expanduser(keys_file)) as f:
+                found += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as e:
+            raise ConfigError(f"serve.api_keys_file {keys_file!r} cannot be read: {e}") from None
+    return list(dict.fromkeys(found))
+
+
+class Guard:
+    """The API keys (none = open) and the request size limit of one ingress replica."""
+
+    def __init__(self, keys: list[str], max_request_bytes: int):
+        self.keys = [k.encode() for k in keys]
+        self.max_request_bytes = max_request_bytes
+
+    def authenticate(self, request: Request) -> None:
+        if not self.keys:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        if not token:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if not any(hmac.compare_digest(token, k) for k in self.keys):
+            raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes is over the limit of {limit}",
+                           code="request_too_large")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+        return bytes(body)
+
+
+def _guard() -> Guard:
+    """The Guard of the ingress replica serving this request. Serve finds the replica's Ingress
+    instance this way to pass it as `self` to the route methods; its `guard` is built from the
+    replica's config, environment and keys file."""
+    from ray import serve
+
+    return serve.get_replica_context().servable_object.guard
+
+
+class _Metered:
+    """The dependency `metered` adds. A module-level class, not a closure: Serve ships the app to
+    its replicas by value, and FastAPI reads a dependency's signature there, in the replica."""
+
+    def __init__(self, route: Union[str, Callable[[Request], str]]):
+        self.route = route
+
+    async def __call__(self, request: Request) -> None:
+        context(request).route = self.route(request) if callable(self.route) else self.route
+        _guard().authenticate(request)
+
+
+def metered(route: Union[str, Callable[[Request], str]]) -> list:
+    """Route dependencies: count the request under `route` (a name, or a function of the request)
+    and require an API key."""
+    return [Depends(_Metered(route))]
+
+
+async def request_body(request: Request) -> bytes:
+    """The request body, at most serve.max_request_bytes (413 beyond)."""
+    return await _guard().read_body(request)

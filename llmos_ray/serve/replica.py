@@ -1,0 +1,191 @@
+"""The Ray Serve deployment of one model: `ModelServer` (an Engine fed by @serve.batch admissions)
+and `model_deployment(spec)`, which binds it with the spec's replicas, autoscaling and capacity.
+
+    handle = model_deployment(spec)     # a bound deployment; the ingress calls, per request,
+    await handle.generate.remote(GenerationRequest(...))          # -> Result | APIError
+    async for chunk in handle.options(stream=True).generate_stream.remote(...)   # -> Chunk | APIError
+
+`@serve.batch` (max_batch_size, batch_wait_timeout_s) groups concurrent arrivals into one admission
+to the engine; each request then streams `Chunk`s back as they are decoded. A client's mistake
+comes back as an APIError value (not raised: no traceback in the replica log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Optional, Union
+
+from ray import serve
+
+from llmos_ray.serve.engine import Engine
+from llmos_ray.serve.loading import cluster_has_gpus
+from llmos_ray.serve.metrics import get_metrics
+from llmos_ray.serve.spec import ModelSpec
+from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result
+
+log = logging.getLogger(__name__)
+
+
+class ModelServer:
+    """One model's replica: an Engine fed by @serve.batch admissions. Built into a deployment by
+    `model_deployment(spec)`."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        self.spec = ModelSpec(**spec)
+        torch.set_num_threads(max(1, int(self.spec.num_cpus)))
+        self.engine = Engine.load(self.spec)
+        self.metrics = get_metrics()
+        self._tags = {"model": self.spec.name}
+        self._flusher: Optional[asyncio.Task] = None
+
+        async def admit(items: list[tuple]) -> list:
+            return self.engine.submit_many(items)
+
+        admit.__name__ = f"admit_{self.spec.deployment_name}"
+        self._admit = serve.batch(max_batch_size=self.spec.max_batch_size,
+                                  batch_wait_timeout_s=self.spec.batch_wait_timeout_s)(admit)
+
+    def _start_metrics(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
+
+    async def _flush_metrics(self, period_s: float = 1.0) -> None:
+        """Copy the engine's counters into Ray metrics once a second (no per-token work on the loop)."""
+        m, tags = self.metrics, self._tags
+        seen_tokens, seen_sizes, t_last = 0, collections.Counter(), time.perf_counter()
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                stats, now = self.engine.stats, time.perf_counter()
+                tokens = stats["generated_tokens"]
+                if tokens > seen_tokens:
+                    m.generated_tokens.inc(tokens - seen_tokens, tags=tags)
+                m.tokens_per_s.set((tokens - seen_tokens) / (now - t_last), tags=tags)
+                sizes = collections.Counter(stats["batch_sizes"])
+                for size, count in (sizes - seen_sizes).items():
+                    for _ in range(min(count, 1000)):
+                        m.batch_size.observe(size, tags=tags)
+                load = self.engine.load_info()
+                m.queue_depth.set(load["waiting"], tags=tags)
+                m.running.set(load["running"], tags=tags)
+                seen_tokens, seen_sizes, t_last = tokens, sizes, now
+            except Exception:  # metrics must never take the replica down
+                log.exception("metrics flush failed")
+
+    async def info(self) -> dict[str, Any]:
+        e = self.engine
+        return {"name": self.spec.name, "context_length": e.context_length, "chat_template": e.has_chat_template,
+                "device": str(e.device), "quantize": self.spec.quantize, "max_batch_size": e.max_batch_size}
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self.engine.snapshot(), "pid": os.getpid()}
+
+    def check_health(self) -> None:
+        if not self.engine.alive():
+            raise RuntimeError(f"the generation thread of model {self.spec.name!r} died")
+
+    def _prepare(self, request: GenerationRequest):
+        default = self.spec.default_max_tokens if request.messages is None else None
+        return self.engine.prepare(request, default)
+
+    async def generate(self, request: GenerationRequest) -> Union[Result, APIError]:
+        """The whole completion. A bad request comes back as an APIError value, not raised (no
+        traceback in the replica log for a client's mistake)."""
+        t0 = time.perf_counter()
+        try:
+            ids, params, stop_ids = self._prepare(request)
+        except APIError as e:
+            return e
+        self._start_metrics()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        parts: list[str] = []
+        first: list[float] = []
+
+        def sink(chunk: Chunk) -> None:  # scheduler thread; wakes the loop only at the end
+            if not first:
+                first.append(time.perf_counter() - t0)
+            parts.append(chunk.text)
+            if chunk.finish_reason:
+                loop.call_soon_threadsafe(_resolve, done, chunk)
+
+        row = await self._admit((ids, params, sink, stop_ids))
+        try:
+            last = await done
+        finally:
+            if row.finish is None:
+                self.engine.cancel(row)
+        if last.error:
+            return APIError(500, f"generation failed: {last.error}", code="generation_error")
+        return Result("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                      last.batch_size, first[0] if first else 0.0)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Union[Chunk, APIError]]:
+        """Chunks as they are decoded (coalesced when the reader is slower than the model)."""
+        try:
+            prepared = self._prepare(request)
+        except APIError as e:
+            yield e
+            return
+        async for chunk in self._chunks(prepared, coalesce=True):
+            yield chunk
+
+    async def _chunks(self, prepared, coalesce: bool = False) -> AsyncIterator[Union[Chunk, APIError]]:
+        ids, params, stop_ids = prepared
+        self._start_metrics()
+        chunks: asyncio.Queue[Chunk] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        row = await self._admit((ids, params, lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c), stop_ids))
+        try:
+            while True:
+                chunk = await chunks.get()
+                while coalesce and not chunk.finish_reason and not chunks.empty():
+                    nxt = chunks.get_nowait()  # a slow reader gets fewer, larger pieces
+                    nxt.text = chunk.text + nxt.text
+                    chunk = nxt
+                if chunk.error:
+                    yield APIError(500, f"generation failed: {chunk.error}", code="generation_error")
+                    return
+                yield chunk
+                if chunk.finish_reason:
+                    return
+        finally:
+            if row.finish is None:
+                self.engine.cancel(row)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def model_deployment(spec: ModelSpec):
+    """The bound Serve deployment of one model, with its autoscaling and capacity settings."""
+    num_gpus = spec.num_gpus
+    if num_gpus is None:
+        num_gpus = 1 if spec.device == "cuda" or (spec.device == "auto" and cluster_has_gpus()) else 0
+    options = dict(
+        name=spec.deployment_name,
+        max_ongoing_requests=spec.max_ongoing_requests,
+        max_queued_requests=spec.max_queued_requests,
+        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": num_gpus},
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=30,
+    )
+    if spec.min_replicas == spec.max_replicas:
+        options["num_replicas"] = spec.max_replicas
+    else:
+        options["autoscaling_config"] = {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
+                                         "target_ongoing_requests": spec.target_ongoing_requests}
+    return serve.deployment(ModelServer).options(**options).bind(spec.to_dict())

@@ -1,0 +1,93 @@
+"""The plain values passed between the HTTP ingress and the model replicas.
+
+    ingress --GenerationRequest(SamplingParams, prompt | messages | token ids)--> replica
+    replica --Result (whole completion) | Chunk, Chunk, ... (stream) | APIError--> ingress
+
+APIError travels as a value too: a replica returns (not raises) it for a client's mistake, and
+every HTTP handler raises it; the ingress turns it into the API's error body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from llmos_ray.errors import LlmosError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: Optional[int] = None
+    """None = the rest of the context, capped by the model's max_tokens_limit."""
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[int, float]] = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+@dataclass
+class GenerationRequest:
+    """What the HTTP ingress sends a model replica: a prompt, chat messages or token ids."""
+
+    params: SamplingParams
+    prompt: Optional[str] = None
+    messages: Optional[list[dict[str, str]]] = None
+    prompt_token_ids: Optional[list[int]] = None
+
+
+@dataclass
+class Chunk:
+    """A piece of one request's output; the last one has finish_reason set."""
+
+    text: str
+    finish_reason: Optional[str] = None
+    """'stop', 'length', or 'error' (then `error` says why)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batch_size: int = 0
+    """Most rows decoded together while this request ran."""
+    error: Optional[str] = None
+
+
+@dataclass
+class Result:
+    """One whole completion."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    batch_size: int
+    ttft_s: float
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "overloaded_error"}
+
+
+class APIError(LlmosError):
+    """An HTTP error with OpenAI's error body. Raised anywhere below a route; picklable across Ray."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def __reduce__(self):
+        return (APIError, (self.status, self.message, self.param, self.code, self.headers))
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
