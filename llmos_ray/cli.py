@@ -162,6 +162,9 @@ def cmd_serve(args) -> None:
         print(f"wrote {args.emit_config}\nrun it: serve run {args.emit_config}   (on a cluster: serve deploy "
               f"{args.emit_config}; KubeRay: its applications go under RayService spec.serveConfigV2)")
         return
+    from llmos_ray.serve.spec import resolve_models
+
+    resolve_models(cfg.resolved())  # a bad model, name or setting: an error now, before Ray and Serve load
     from llmos_ray.serve import run_until_stopped, serve
 
     serve(cfg)

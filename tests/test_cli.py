@@ -76,3 +76,14 @@ def test_the_installed_command_reports_a_mistake_in_one_line():
     assert proc.stderr.strip().splitlines() == [
         "llmos: error: unknown config key 'train.zero_stage'; did you mean 'deepspeed.zero_stage'? (valid keys of "
         "TrainConfig: " + proc.stderr.split("valid keys of TrainConfig: ", 1)[1].strip()]
+
+
+def test_serving_a_directory_that_is_not_a_model_fails_in_one_line_within_2_s(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "llmos_ray.cli", "serve", "--model", not_a_model(tmp_path)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "has no config.json" in proc.stderr and seconds < 2.0, seconds
