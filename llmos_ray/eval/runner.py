@@ -250,12 +250,11 @@ def read_tasks(cfg: Config) -> tuple[list[dict], dict[str, dict]]:
     """(examples [{"task", "line", "prompt", "reference"}], per task {"path", "records", "examples",
     "bad_records", "bad": [{"line", "reason"}, ...]}) from eval.task_paths, read with the corpus
     reader (any fsspec URI, .gz etc.); a task is named after its file."""
-    from llmos_ray.data.sources import Corpus, expand_sources, read_records
+    from llmos_ray.data.sources import expand_sources
 
-    data = cfg.data
     examples: list[dict] = []
     tasks: dict[str, dict] = {}
-    for source in expand_sources(list(cfg.eval.task_paths), "auto", data.storage_options):
+    for source in expand_sources(list(cfg.eval.task_paths), "auto", cfg.data.storage_options):
         if source.format not in ("jsonl", "json"):
             raise DataError(f"task file {source.uri} is {source.format}; tasks are JSONL records "
                             '{"prompt": ..., "reference": ...}')
@@ -264,30 +263,43 @@ def read_tasks(cfg: Config) -> tuple[list[dict], dict[str, dict]]:
         while name in tasks:
             n += 1
             name = f"{base}-{n}"
-        fields = {}
-        for key in ("prompt", "reference"):  # one pass per field: the reader yields one text field per record
-            corpus = Corpus([source], text_field=key, max_bad_fraction=1.0, storage_options=data.storage_options)
-            fields[key] = list(read_records(corpus, source))
-        info = {"path": source.uri, "records": len(fields["prompt"]), "examples": 0, "bad_records": 0, "bad": []}
-        for (line, prompt, why_p), (_, reference, why_r) in zip(fields["prompt"], fields["reference"]):
-            if prompt is None or reference is None or not prompt.strip():
-                info["bad_records"] += 1
-                if len(info["bad"]) < MAX_BAD_LISTED:
-                    info["bad"].append({"line": line, "reason": why_p or why_r or "empty prompt"})
-                continue
-            examples.append({"task": name, "line": line, "prompt": prompt, "reference": reference})
-            info["examples"] += 1
-        if info["bad_records"] > data.max_bad_fraction * max(info["records"], 1):
-            first = info["bad"][0]
-            raise DataError(f"{source.uri}: {info['bad_records']} of {info['records']} task records are bad "
-                            f"(> data.max_bad_fraction={data.max_bad_fraction:g}); first at line {first['line']}: "
-                            f"{first['reason']}. Each line must be a JSON object with string fields 'prompt' "
-                            "and 'reference'")
-        if info["bad_records"]:
-            log.warning("%s: skipped %d bad record(s), e.g. line %d: %s", source.uri, info["bad_records"],
-                        info["bad"][0]["line"], info["bad"][0]["reason"])
-        tasks[name] = info
+        task_examples, tasks[name] = _read_task(name, source, cfg.data)
+        examples += task_examples
     return examples, tasks
+
+
+def _read_task(name: str, source, data) -> tuple[list[dict], dict]:
+    """One task file's examples and what was read; a DataError when over data.max_bad_fraction are bad."""
+    from llmos_ray.data.records import field_text, read_objects
+    from llmos_ray.data.sources import Corpus
+
+    examples: list[dict] = []
+    info: dict[str, Any] = {"path": source.uri, "records": 0, "examples": 0, "bad_records": 0, "bad": []}
+    corpus = Corpus([source], max_bad_fraction=1.0, storage_options=data.storage_options)
+    for line, record, why in read_objects(corpus, source):
+        info["records"] += 1
+        prompt = reference = None
+        if why is None:
+            _, prompt, why = field_text(line, record, "prompt")
+        if why is None:
+            _, reference, why = field_text(line, record, "reference")
+        if prompt is None or reference is None or not prompt.strip():
+            info["bad_records"] += 1
+            if len(info["bad"]) < MAX_BAD_LISTED:
+                info["bad"].append({"line": line, "reason": why or "empty prompt"})
+            continue
+        examples.append({"task": name, "line": line, "prompt": prompt, "reference": reference})
+        info["examples"] += 1
+    if info["bad_records"] > data.max_bad_fraction * max(info["records"], 1):
+        first = info["bad"][0]
+        raise DataError(f"{source.uri}: {info['bad_records']} of {info['records']} task records are bad "
+                        f"(> data.max_bad_fraction={data.max_bad_fraction:g}); first at line {first['line']}: "
+                        f"{first['reason']}. Each line must be a JSON object with string fields 'prompt' "
+                        "and 'reference'")
+    if info["bad_records"]:
+        log.warning("%s: skipped %d bad record(s), e.g. line %d: %s", source.uri, info["bad_records"],
+                    info["bad"][0]["line"], info["bad"][0]["reason"])
+    return examples, info
 
 
 def _task_name(uri: str) -> str:
