@@ -164,6 +164,7 @@ def _task_name(uri: str) -> str:
 
 
 def prompts_dataset(examples: list[dict]):
+    """The task examples' prompts as INPUT_SCHEMA rows (kind 'gen', id = the example's index)."""
     import ray
 
     table = pa.Table.from_arrays([pa.array(["gen"] * len(examples), pa.string()),
@@ -173,6 +174,8 @@ def prompts_dataset(examples: list[dict]):
 
 
 def default_task_file(model_dir: str, out_dir: str) -> str:
+    """Write the held-out split of the embedded instruction set as a task file (prompt rendered with
+    `model_dir`'s chat template, reference = the docstring's summary) under `out_dir`; its path."""
     from llmos_ray.data import load_tokenizer
     from llmos_ray.data.instructions import stdlib_instructions
     from llmos_ray.data.sft import ensure_chat_template
