@@ -72,7 +72,7 @@ def test_resume_never_refuses_an_existing_run(tmp_path):
     from llmos_ray.config import ConfigError, load_config
     from llmos_ray.train.trainer import resolve_resume
 
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "run.resume=never"])
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "run.resume=never"]).resolved()
     os.makedirs(os.path.join(cfg.run.storage_path, "r"))
     open(os.path.join(cfg.run.storage_path, "r", "checkpoint_manager_snapshot.json"), "w").write("{}")
     with pytest.raises(ConfigError, match="already has checkpoints"):
@@ -86,6 +86,7 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     from llmos_ray.errors import CheckpointError
     from llmos_ray.train.trainer import resolve_resume
 
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.resume={tmp_path}/nope/checkpoint_00000004"])
+    cfg = load_config(None, [f"run.output_dir={tmp_path}",
+                             f"run.resume={tmp_path}/nope/checkpoint_00000004"]).resolved()
     with pytest.raises(CheckpointError, match="has no llmos_state.json"):
         resolve_resume(cfg)
