@@ -12,7 +12,7 @@ the same preset model and blocks of stdlib source, in two precisions (`train.pre
            redundant fp32 "master" copy of its (already fp32) partition, +4Ψ/N (ratio 1.60 here):
            its "reuse the weights" test in stage3.py `_create_fp32_partitions` compares
            `tensor.device` with the string 'cpu', never equal. Our loop frees that copy
-           (llmos_ray.train.loop.share_fp32_partitions); the run says so if one remains.
+           (llmos_ray.train.model.share_fp32_partitions); the run says so if one remains.
 
 A wrapper around `deepspeed.initialize` (in each worker) hooks the engine's second `step()`: after
 that step's backward, before the optimizer runs, the gradients of this step and the Adam moments of

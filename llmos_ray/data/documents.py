@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmos_ray.data.corpus import resolve_corpus
-from llmos_ray.data.sources import Corpus, read_records
+from llmos_ray.data.records import read_records
+from llmos_ray.data.sources import Corpus
 
 READ_SCHEMA = pa.schema([
     ("file", pa.int32()),        # index into Corpus.sources

@@ -14,9 +14,8 @@ fit no format are bad records, counted with file and line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -178,23 +177,27 @@ def build_examples(records: Iterable[tuple[str, int, Any]], tokenizer, seq_len: 
     return SftExamples(np.array(tokens, dtype=np.int32), np.array(masks, dtype=np.int32), counts)
 
 
-def read_jsonl_records(uri: str) -> Iterable[tuple[str, int, Any]]:
-    """(uri, line, parsed object or the parse error) for a JSONL file on any fsspec filesystem,
-    compression inferred. Parquet files give one record per row."""
-    import fsspec
+def read_sft_records(paths: list[str], storage_options: Optional[dict] = None) -> Iterator[tuple[str, int, Any]]:
+    """`(file, line, record)` for every record of `paths` (files, directories, globs; any fsspec URI;
+    JSONL, JSON or parquet, compressed or not), read by the corpus readers with data.storage_options.
+    `record` is the parsed object, or a ValueError saying why the line did not parse. `file` is the
+    path as given for a single file, else each matched file's path: with the line, the key of the
+    held-out split (documents.is_held_out), so it does not change between runs."""
+    from llmos_ray.data.records import read_objects
+    from llmos_ray.data.sources import Corpus, expand_sources, filesystem
 
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with fsspec.open(uri, "rb") as f:
-            for i, row in enumerate(pq.read_table(f).to_pylist(), start=1):
-                yield uri, i, row
-        return
-    with fsspec.open(uri, "rb", compression="infer") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield uri, i, json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                yield uri, i, ValueError(f"not valid JSON: {e}")
+    for path in paths:
+        try:
+            sources = expand_sources([path], "auto", storage_options)
+        except DataError as e:
+            raise DataError(f"finetune.paths: {e}") from None
+        fs, root = filesystem(path, storage_options)
+        one_file = not any(c in path for c in "*?[") and not fs.isdir(root)
+        for source in sources:
+            if source.format not in ("jsonl", "json", "parquet"):
+                raise DataError(f"finetune.paths: {source.uri} is {source.format}; fine-tuning records are JSONL, "
+                                "JSON or parquet files")
+            name = path if one_file else source.uri.removeprefix("file://")
+            corpus = Corpus([source], storage_options=dict(storage_options or {}))
+            for line, record, reason in read_objects(corpus, source):
+                yield name, line, record if reason is None else ValueError(reason)

@@ -1,4 +1,4 @@
-"""Corpus sources: expand paths into files, infer their format, read their records.
+"""Corpus sources: expand paths into files and infer their format (records.py reads them).
 
 A *source* is one file (any fsspec URI: local, file://, s3://, gs://, memory://), one directory
 written by `datasets.Dataset.save_to_disk`, or one Hugging Face hub dataset
@@ -10,11 +10,8 @@ written by `datasets.Dataset.save_to_disk`, or one Hugging Face hub dataset
     HF datasets dir   text in the column data.text_field, split data.hf_split for a DatasetDict
 
 Any of them may be compressed (.gz, .bz2, .zst, .xz): the compression is inferred from the last
-extension. `read_records` yields `(line, text, reason)` per record: `text` is None for a bad
-record (malformed JSON, missing or non-string field, undecodable UTF-8, unreadable parquet rows)
-and `reason` says why; `line` is 1-based (line of a .txt/.jsonl file, element of a JSON array,
-row of a parquet file or dataset). A file whose share of bad records exceeds
-`data.max_bad_fraction` raises `DataError` naming the file and its first bad line.
+extension. A `Corpus` is the sources and how to read them (text field, txt mode, bad-record
+limit, storage options), everything a read task needs.
 
 Remote storage: credentials come from the usual places (AWS_* env vars, ~/.aws, GCP ADC).
 Per-protocol fsspec options go in `data.storage_options`, e.g. an S3-compatible endpoint
@@ -28,14 +25,10 @@ Per-protocol fsspec options go in `data.storage_options`, e.g. an S3-compatible 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import os
-import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 from llmos_ray.errors import DataError
 from llmos_ray.storage import protocol
@@ -45,11 +38,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("txt", "jsonl", "json", "parquet", "hf")
 _EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
                ".parquet": "parquet", ".pq": "parquet"}
-_HUB_PREFIX = "hf://datasets/"
+HUB_PREFIX = "hf://datasets/"
 # Filesystems that live inside one process: their files are copied into the read tasks.
 PROCESS_LOCAL_PROTOCOLS = ("memory",)
-
-Record = tuple[int, Optional[str], Optional[str]]  # (line, text or None, reason or None)
 
 
 @dataclass
@@ -128,8 +119,8 @@ def filesystem(uri: str, storage_options: Optional[dict[str, dict[str, Any]]] = 
 
 def _expand_one(path: str, fmt: str, storage_options) -> list[Source]:
     if fmt == "hf" and _looks_like_hub_name(path):
-        name = path[len(_HUB_PREFIX):] if path.startswith(_HUB_PREFIX) else path
-        return [Source(_HUB_PREFIX + name.strip("/"), "hf")]
+        name = path[len(HUB_PREFIX):] if path.startswith(HUB_PREFIX) else path
+        return [Source(HUB_PREFIX + name.strip("/"), "hf")]
     if "://" not in path:
         path = os.path.abspath(os.path.expanduser(path))
     fs, root = filesystem(path, storage_options)
@@ -217,7 +208,7 @@ def _hidden(name: str) -> bool:
 
 def _looks_like_hub_name(path: str) -> bool:
     """'wikitext' or 'org/name' that is not a local path, or hf://datasets/org/name."""
-    if path.startswith(_HUB_PREFIX):
+    if path.startswith(HUB_PREFIX):
         return True
     return ("://" not in path and not path.startswith(("/", ".", "~")) and path.count("/") <= 1
             and not os.path.exists(path))
@@ -237,215 +228,3 @@ def _dir_size(fs, root: str) -> int:
         return int(sum((info.get("size") or 0) for info in fs.find(root, detail=True).values()))
     except OSError:
         return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def read_records(corpus: Corpus, source: Source) -> Iterator[Record]:
-    """Yield `(line, text, reason)` for each record of `source`, then check its bad fraction.
-
-    Stream-level corruption (a truncated .gz, a parquet file without a footer) raises DataError:
-    the records after it cannot be found, so no count of them would be honest."""
-    total = bad = 0
-    first_bad: Optional[tuple[int, str]] = None
-    for line, text, reason in _records(corpus, source):
-        total += 1
-        if text is None:
-            bad += 1
-            if first_bad is None:
-                first_bad = (line, reason or "bad record")
-        yield line, text, reason
-    if bad and bad > corpus.max_bad_fraction * total:
-        raise DataError(
-            f"{source.uri}: {bad} of {total} records are bad ({bad / total:.1%} > data.max_bad_fraction="
-            f"{corpus.max_bad_fraction:g}); first at line {first_bad[0]}: {first_bad[1]}. "
-            f"Fix the file, check data.format/data.text_field, or raise data.max_bad_fraction")
-
-
-def _records(corpus: Corpus, source: Source) -> Iterator[Record]:
-    fmt = source.format
-    if fmt == "hf":
-        yield from _hf_records(corpus, source)
-        return
-    try:
-        with open_source(corpus, source) as f:
-            if fmt == "parquet":
-                yield from _parquet_records(f, source, corpus.text_field)
-            elif fmt == "txt" and corpus.txt_mode == "file":
-                yield _decoded(1, f.read())
-            elif fmt == "txt":
-                for line, raw in enumerate(_lines(f), 1):
-                    yield _decoded(line, raw.rstrip(b"\r\n"))
-            elif fmt == "json":
-                yield from _json_records(f.read(), corpus.text_field)
-            else:
-                yield from _jsonl_records(_lines(f), corpus.text_field)
-    except DataError:
-        raise
-    except (OSError, EOFError, zlib.error, ValueError, RuntimeError) as e:
-        # A truncated or corrupt compressed stream; ValueError/RuntimeError come from zstd and bz2.
-        raise DataError(f"{source.uri}: cannot read the file: {type(e).__name__}: {e}") from None
-
-
-@contextlib.contextmanager
-def open_source(corpus: Corpus, source: Source):
-    """A binary file object for `source`, decompressed by extension (.gz, .bz2, .zst, .xz)."""
-    from fsspec.utils import infer_compression
-
-    compression = infer_compression(source.uri)
-    if source.uri in corpus.snapshots:  # memory:// captured when the corpus was resolved
-        raw = io.BytesIO(corpus.snapshots[source.uri])
-        if compression is None:
-            yield raw
-        else:
-            from fsspec.compression import compr
-
-            with compr[compression](raw, mode="rb") as f:
-                yield f
-        return
-    import fsspec
-
-    with fsspec.open(source.uri, "rb", compression=compression,
-                     **corpus.storage_options.get(protocol(source.uri), {})) as f:
-        yield f
-
-
-def _lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a binary stream (each with its b"\\n"), read in large chunks: works for streams
-    without readline (zstd) and makes few requests to object stores."""
-    pending: list[bytes] = []  # pieces of a line longer than one chunk
-    while chunk := f.read(chunk_size):
-        lines = chunk.split(b"\n")
-        if len(lines) == 1:
-            pending.append(chunk)
-            continue
-        lines[0] = b"".join(pending) + lines[0]
-        pending = [lines.pop()] if lines[-1] else []
-        if not pending:
-            lines.pop()
-        for line in lines:
-            yield line + b"\n"
-    if pending and (last := b"".join(pending)):
-        yield last
-
-
-def _decoded(line: int, raw: bytes) -> Record:
-    try:
-        return line, raw.decode("utf-8"), None
-    except UnicodeDecodeError as e:
-        return line + raw.count(b"\n", 0, e.start), None, f"invalid UTF-8 at byte {e.start}"
-
-
-def _jsonl_records(lines: Iterable[bytes], text_field: str) -> Iterator[Record]:
-    for line, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue  # a blank line holds no record
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield line, None, f"invalid UTF-8 at byte {e.start}"
-        except (ValueError, RecursionError) as e:
-            yield line, None, f"malformed JSON: {e}"
-        else:
-            yield _field(line, obj, text_field)
-
-
-def _json_records(data: bytes, text_field: str) -> Iterator[Record]:
-    """A .json file: a JSON array of objects, or JSON lines."""
-    if not data.lstrip().startswith(b"["):
-        yield from _jsonl_records(io.BytesIO(data), text_field)
-        return
-    try:
-        items = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise DataError(f"not a valid JSON array: {e}") from None
-    for i, obj in enumerate(items, 1):
-        yield _field(i, obj, text_field)
-
-
-def _field(line: int, obj: Any, text_field: str) -> Record:
-    if not isinstance(obj, dict):
-        return line, None, f"not a JSON object ({type(obj).__name__})"
-    if text_field not in obj:
-        keys = ", ".join(list(obj)[:8]) or "none"
-        return line, None, f"missing field {text_field!r} (fields: {keys})"
-    return _checked(line, obj[text_field], text_field)
-
-
-def _checked(line: int, value: Any, text_field: str) -> Record:
-    if value is None:
-        return line, None, f"field {text_field!r} is null"
-    if not isinstance(value, str):
-        return line, None, f"field {text_field!r} is {type(value).__name__}, not a string"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return line, None, f"field {text_field!r} holds an unpaired surrogate (not valid UTF-8)"
-    return line, value, None
-
-
-def _parquet_records(f, source: Source, text_field: str) -> Iterator[Record]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from fsspec.utils import infer_compression
-
-    if infer_compression(source.uri) is not None:  # a compressed stream seeks by re-decompressing
-        f = pa.BufferReader(f.read())
-    try:
-        pf = pq.ParquetFile(f)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{source.uri}: not a readable parquet file: {e}") from None
-    names = pf.schema_arrow.names
-    if text_field not in names:
-        raise DataError(f"{source.uri}: no column {text_field!r} (columns: {', '.join(names)}); "
-                        f"set data.text_field")
-    kind = pf.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"{source.uri}: column {text_field!r} has type {kind}, not a string")
-    row = 0
-    for g in range(pf.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        try:
-            values = pf.read_row_group(g, columns=[text_field]).column(0).to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            reason = f"unreadable row group {g}: {e}"
-            for i in range(n):
-                yield row + i + 1, None, reason
-        else:
-            for i, v in enumerate(values):
-                yield _checked(row + i + 1, v, text_field)
-        row += n
-
-
-def _hf_records(corpus: Corpus, source: Source) -> Iterator[Record]:
-    import datasets
-
-    name = corpus.text_field
-    if source.uri.startswith(_HUB_PREFIX):
-        hub = source.uri[len(_HUB_PREFIX):]
-        try:
-            ds = datasets.load_dataset(hub, split=corpus.hf_split, streaming=True)
-        except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "cannot load"
-            raise DataError(f"cannot load hub dataset {hub!r} split {corpus.hf_split!r}: {e}") from None
-        for i, row in enumerate(ds, 1):
-            yield _field(i, row, name)
-        return
-    path = source.uri.removeprefix("file://")
-    try:
-        ds = datasets.load_from_disk(path, storage_options=corpus.storage_options.get(protocol(source.uri)))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{source.uri}: cannot load the saved dataset: {e}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if corpus.hf_split not in ds:
-            raise DataError(f"{source.uri}: no split {corpus.hf_split!r} (splits: {', '.join(ds)}); "
-                            f"set data.hf_split")
-        ds = ds[corpus.hf_split]
-    if name not in ds.column_names:
-        raise DataError(f"{source.uri}: no column {name!r} (columns: {', '.join(ds.column_names)}); "
-                        f"set data.text_field")
-    table = ds.with_format("arrow").select_columns([name])
-    for start in range(0, len(table), 10_000):
-        for i, v in enumerate(table[start:start + 10_000].column(0).to_pylist(), start + 1):
-            yield _checked(i, v, name)

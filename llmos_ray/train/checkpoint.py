@@ -123,6 +123,20 @@ def read_rng(ckpt, rank: int) -> Optional[dict]:
         return None
 
 
+def restore_rng(ckpt, rank: int) -> None:
+    """Set this process's Python, NumPy, torch (and CUDA) RNG to what rank `rank` saved, if it did."""
+    import torch
+
+    states = read_rng(ckpt, rank)
+    if not states:
+        return
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def validate(ckpt) -> dict[str, Any]:
     """Check that every rank's files are present with the sizes it wrote; return the state or raise
     CheckpointError naming what is missing or damaged."""
@@ -183,7 +197,7 @@ def usable_checkpoint(ckpt) -> tuple[Any, dict[str, Any], list[str]]:
                           f"(run.resume=<checkpoint URI>)")
 
 
-def load_engine(engine, ckpt, state: dict) -> None:
+def load_engine(engine, ckpt) -> None:
     """Restore model, optimizer and scheduler states saved by the same number of workers."""
     ckpt = _as_checkpoint(ckpt)
     with ckpt.as_directory() as d:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
 
 from llmos_ray.config import Config
 from llmos_ray.errors import ConfigError, DataError, ModelError
@@ -103,32 +102,13 @@ def instruction_records(cfg: Config) -> tuple[list, list]:
     by a hash of each record (data.val_fraction); the embedded set has its own held-out split."""
     from llmos_ray.data.documents import is_held_out
     from llmos_ray.data.instructions import stdlib_instructions
-    from llmos_ray.data.sft import read_jsonl_records
+    from llmos_ray.data.sft import read_sft_records
 
     if not cfg.finetune.paths:
         tag = "llmos:stdlib-instructions"
         return ([(tag, i, r) for i, r in enumerate(stdlib_instructions("train"), 1)],
                 [(tag, i, r) for i, r in enumerate(stdlib_instructions("val"), 1)])
     train, val = [], []
-    for uri in expand(cfg.finetune.paths):
-        for source, line, record in read_jsonl_records(uri):
-            (val if is_held_out(f"{source}:{line}", cfg.data.val_fraction) else train).append((source, line, record))
+    for source, line, record in read_sft_records(cfg.finetune.paths, cfg.data.storage_options):
+        (val if is_held_out(f"{source}:{line}", cfg.data.val_fraction) else train).append((source, line, record))
     return train, val
-
-
-def expand(paths: Iterable[str]) -> list[str]:
-    """Files of fsspec URIs and globs, sorted; an unmatched path is an error naming it."""
-    import fsspec
-
-    out = []
-    for path in paths:
-        fs, _ = fsspec.core.url_to_fs(path)
-        matches = sorted(fs.glob(path)) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
-        if "://" in path:
-            proto = path.split("://", 1)[0]
-            matches = [m if "://" in m else f"{proto}://{m}" for m in matches]
-        if not matches:
-            raise DataError(f"finetune.paths: {path!r} matches no file")
-        out += matches
-    return out
-

@@ -20,6 +20,7 @@ from ray.train import UserCallback
 from llmos_ray.config import Config, from_dict, save_config
 from llmos_ray.errors import reraise_ours
 from llmos_ray.storage import write_text
+from llmos_ray.train.loop import Job, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def report_data_counts(cfg: Config) -> Optional[dict]:
 
 
 def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np.ndarray],
-                 resume_from: Optional[str], train_fn=None, job: str = "pretrain",
+                 resume_from: Optional[str], train_fn=None, job: Job = "pretrain",
                  data_counts: Optional[dict] = None) -> TrainResult:
     """Start the TorchTrainer on `datasets` (Ray Datasets, or in-memory block arrays) and export the
     result. `job` ('pretrain', 'finetune', 'distill') selects the loss and adapters in the loop;
@@ -133,7 +134,6 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
     from ray.train.torch import TorchTrainer
 
     from llmos_ray.runtime import worker_resources
-    from llmos_ray.train.loop import train_loop
 
     cfg = cfg.resolved(job)
     os.makedirs(cfg.run.output_dir, exist_ok=True)
@@ -191,7 +191,7 @@ def checkpoint_uri(ckpt) -> str:
     return f"{'gs' if kind == 'gcs' else kind}://{ckpt.path}"
 
 
-def resolve_resume(cfg: Config, job: str = "pretrain") -> tuple[Config, Optional[str], Optional[TrainResult]]:
+def resolve_resume(cfg: Config, job: Job = "pretrain") -> tuple[Config, Optional[str], Optional[TrainResult]]:
     """What this command does with its run, decided from the files before anything starts
     (`runs.check_run`): `(config, checkpoint URI to start from or None, result if finished)`.
 

@@ -10,7 +10,8 @@ import pytest
 
 from llmos_ray.config import DataConfig
 from llmos_ray.data import list_sources, resolve_corpus
-from llmos_ray.data.sources import Corpus, Source, expand_sources, read_records
+from llmos_ray.data.records import read_records
+from llmos_ray.data.sources import Corpus, Source, expand_sources
 from llmos_ray.errors import DataError
 from tests.data.conftest import jsonl, sample_docs, write
 
@@ -190,3 +191,40 @@ def test_default_corpus_is_the_standard_library_in_a_stable_mixed_order():
 def test_storage_options_must_be_keyed_by_protocol():
     with pytest.raises(DataError, match="keyed by protocol.*'endpoint_url'"):
         resolve_corpus(DataConfig(paths=["s3://b/x.txt"], storage_options={"endpoint_url": "http://x"}))
+
+
+def test_fine_tuning_records_are_read_by_the_corpus_readers(tmp_path, monkeypatch):
+    """JSONL (zstd), a JSON array and parquet rows, from a file, a glob and memory://: parsed objects
+    with file and line, and the reason for a line that does not parse. A single file keeps the name
+    it was given (the held-out split's key), a glob's files their paths."""
+    import fsspec
+
+    from llmos_ray.data.sft import read_sft_records
+
+    chat = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(3)]
+    (tmp_path / "sft").mkdir()
+    lines = [json.dumps(chat[0]), json.dumps(chat[1]), "{broken", "[1, 2]"]
+    write(tmp_path / "chat.jsonl.zst", "".join(f"{line}\n" for line in lines).encode())
+    write(tmp_path / "sft" / "list.json", json.dumps([{"prompt": "p", "completion": "c"}]).encode())
+    pq.write_table(pa.table({"instruction": ["i1", "i2"], "output": ["o1", "o2"], "n": [1, 2]}),
+                   tmp_path / "sft" / "rows.parquet", row_group_size=1)
+    fsspec.filesystem("memory").pipe("/llmos-sft/one.jsonl", (json.dumps(chat[2]) + "\n").encode())
+    monkeypatch.chdir(tmp_path)
+
+    got = list(read_sft_records(["chat.jsonl.zst", str(tmp_path / "sft" / "*"), "memory://llmos-sft/one.jsonl"]))
+    lines = [(name.rsplit("/", 1)[-1] if name.startswith("/") else name, line) for name, line, _ in got]
+    assert lines == [("chat.jsonl.zst", 1), ("chat.jsonl.zst", 2), ("chat.jsonl.zst", 3),
+                     ("chat.jsonl.zst", 4), ("list.json", 1), ("rows.parquet", 1), ("rows.parquet", 2),
+                     ("memory://llmos-sft/one.jsonl", 1)]
+    records = [r for _, _, r in got]
+    assert records[:2] == chat[:2] and records[4] == {"prompt": "p", "completion": "c"} and records[7] == chat[2]
+    assert isinstance(records[2], ValueError) and "malformed JSON" in str(records[2]) and records[3] == [1, 2]
+    assert records[5:7] == [{"instruction": f"i{i}", "output": f"o{i}", "n": i} for i in (1, 2)]
+    assert got[4][0] == str(tmp_path / "sft" / "list.json")  # a glob's files: their paths, without file://
+
+    with pytest.raises(DataError, match="finetune.paths: .*missing.jsonl.* does not exist"):
+        list(read_sft_records([str(tmp_path / "missing.jsonl")]))
+    write(tmp_path / "notes.txt", b"plain text")
+    with pytest.raises(DataError, match="notes.txt is txt; fine-tuning records are JSONL, JSON or parquet"):
+        list(read_sft_records([str(tmp_path / "notes.txt")]))

@@ -13,7 +13,8 @@ import pytest
 
 from llmos_ray.config import load_config
 from llmos_ray.errors import DataError
-from llmos_ray.eval.runner import format_table, perplexity_documents, read_tasks
+from llmos_ray.eval.inputs import perplexity_documents, read_tasks
+from llmos_ray.eval.report import format_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = ["def main():\n    ", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self", "for i in",

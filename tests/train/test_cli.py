@@ -140,6 +140,7 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     from llmos_ray.errors import CheckpointError
     from llmos_ray.train.trainer import resolve_resume
 
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.resume={tmp_path}/nope/checkpoint_00000004"])
+    cfg = load_config(None, [f"run.output_dir={tmp_path}",
+                             f"run.resume={tmp_path}/nope/checkpoint_00000004"]).resolved()
     with pytest.raises(CheckpointError, match="has no llmos_state.json"):
         resolve_resume(cfg)

@@ -273,12 +273,12 @@ def traced_train_loop(trace_dir: str, fail_before_step: int = 0):
 
         import ray.train
 
-        from llmos_ray.train import loop as train
+        from llmos_ray.train import loop, readers
 
         rank = ray.train.get_context().get_world_rank()
         marker = os.path.join(trace_dir, f"failed{rank}")
         attempt = 1 if os.path.exists(marker) else 0
-        real = train.ShardReader.next_agreed
+        real = readers.ShardReader.next_agreed
         calls = []
 
         def next_agreed(reader, dist):
@@ -293,11 +293,11 @@ def traced_train_loop(trace_dir: str, fail_before_step: int = 0):
                 raise RuntimeError(f"injected failure on rank {rank} before step {fail_before_step}")
             return batch
 
-        train.ShardReader.next_agreed = next_agreed
+        readers.ShardReader.next_agreed = next_agreed
         try:
-            train.train_loop(loop_config)
+            loop.train_loop(loop_config)
         finally:
-            train.ShardReader.next_agreed = real
+            readers.ShardReader.next_agreed = real
 
     return loop
 
@@ -353,7 +353,7 @@ def test_shard_reader_refuses_a_stream_without_preserve_order(ray_session):
     import ray
 
     from llmos_ray.errors import DataError
-    from llmos_ray.train.loop import ShardReader
+    from llmos_ray.train.readers import ShardReader
 
     ds = ray.data.from_items([{"input_ids": list(range(9))}])
     ds.context.execution_options.preserve_order = False
@@ -371,7 +371,7 @@ import deepspeed
 from transformers import GPT2Config, GPT2LMHeadModel
 from llmos_ray.config import load_config
 from llmos_ray.train.deepspeed import deepspeed_config
-from llmos_ray.train.loop import share_fp32_partitions
+from llmos_ray.train.model import share_fp32_partitions
 
 cfg = load_config(None, ["deepspeed.zero_stage=3", "train.micro_batch_size=2", "train.num_workers=1"])
 torch.manual_seed(0)

@@ -1,0 +1,172 @@
+"""The evaluation report: per model, its figures from the worker's output rows (token-weighted
+perplexity over all documents, corpus-level BLEU and ROUGE per task); the headline figures flat
+and as a table; every prompt, reference and answer as JSON lines; the figures attached to the
+model's registry entry. `<run.output_dir>/report.json` holds every figure, the models' sources and
+URIs, the resolved config, timings and the counts of bad or skipped records.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import re
+from typing import Any, Optional
+
+import numpy as np
+
+from llmos_ray.config import Config
+from llmos_ray.eval.metrics import bleu, rouge, summarize_nll
+from llmos_ray.storage import write_text
+
+log = logging.getLogger(__name__)
+
+
+def new_report(cfg: Config, inputs: dict, resources: dict, threads: int) -> dict:
+    """The report before any model ran: where it goes, what the inputs were, the settings, versions
+    and the resolved config; `models` fills in per model."""
+    ev = cfg.eval
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "report_path": f"{cfg.run.output_dir.rstrip('/')}/report.json",
+        "models": {},
+        "inputs": inputs,
+        "settings": {"max_length": ev.max_length, "stride": ev.stride, "batch_size": ev.batch_size,
+                     "max_new_tokens": ev.max_new_tokens, "stop": list(ev.stop), "num_workers": ev.num_workers,
+                     "worker_resources": resources, "torch_threads": threads},
+        "versions": _versions(),
+        "config": cfg.to_dict(),
+    }
+
+
+def write_report(report: dict) -> dict:
+    """Write `report` (made JSON-ready) to its report_path and return what was written."""
+    report = _json_ready(report)
+    write_text(report["report_path"], json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def write_generations(report: dict, label: str, rows: list[dict], examples: list[dict]) -> str:
+    """Every prompt, reference and answer of model `label` as generations/<label>.jsonl beside the report."""
+    path = f"{report['report_path'].rsplit('/', 1)[0]}/generations/{_file_name(label)}.jsonl"
+    write_text(path, _generations_jsonl(rows, examples))
+    return path
+
+
+def summarize_model(model: dict, rows: list[dict], examples: list[dict], has_documents: bool) -> dict:
+    """One model's figures from its output rows."""
+    result: dict[str, Any] = {k: model[k] for k in ("source", "uri", "base_uri", "registry_name")}
+    result["device"] = sorted({str(r["device"]) for r in rows})
+    docs = [r for r in rows if r["kind"] == "ppl"]
+    if has_documents:
+        ppl = summarize_nll(docs)
+        seconds = sum(float(r["seconds"]) for r in docs)
+        ppl.update(max_length=int(docs[0]["max_length"]), stride=int(docs[0]["stride"]),
+                   window_source=str(docs[0]["window_source"]),
+                   empty_documents=sum(1 for r in docs if int(r["tokens"]) == 0),
+                   compute_seconds=round(seconds, 3),
+                   tokens_per_s=round(ppl["tokens"] / seconds, 1) if seconds > 0 else None)
+        result["perplexity"] = ppl
+    else:
+        result["perplexity"] = None
+    result["tasks"] = {}
+    answers = {int(r["id"]): r for r in rows if r["kind"] == "gen"}
+    for task in dict.fromkeys(e["task"] for e in examples):
+        ids = [i for i, e in enumerate(examples) if e["task"] == task]
+        hyps = [str(answers[i]["output"]) for i in ids]
+        refs = [examples[i]["reference"] for i in ids]
+        b = bleu(hyps, refs)
+        seconds = sum(float(answers[i]["seconds"]) for i in ids)
+        result["tasks"][task] = {
+            "bleu": b["bleu"], **rouge(hyps, refs), "examples": len(ids),
+            "bleu_details": {k: b[k] for k in ("precisions", "brevity_penalty", "sys_len", "ref_len", "signature")},
+            "truncated_prompts": sum(bool(answers[i]["truncated"]) for i in ids),
+            "empty_outputs": sum(1 for h in hyps if not h),
+            "new_tokens": sum(int(answers[i]["new_tokens"]) for i in ids),
+            "compute_seconds": round(seconds, 3),
+        }
+    return result
+
+
+def flat_results(result: dict) -> dict[str, float]:
+    """A model's headline figures as one flat dict: perplexity, bits_per_byte, <task>/bleu, ..."""
+    flat: dict[str, Any] = {}
+    if result.get("perplexity"):
+        for key in ("perplexity", "bits_per_byte", "tokens"):
+            flat[key if key != "tokens" else "perplexity_tokens"] = result["perplexity"][key]
+    for task, scores in result.get("tasks", {}).items():
+        for key in ("bleu", "rouge1", "rouge2", "rougeL"):
+            flat[f"{task}/{key}"] = scores[key]
+    return {k: v for k, v in flat.items() if v is not None}
+
+
+def attach_to_registry(report: dict, cfg: Config) -> None:
+    """Merge each registry-named model's headline figures (and where the report is) into its entry."""
+    from llmos_ray import registry
+
+    for result in report["models"].values():
+        name = result.get("registry_name")
+        if name:
+            registry.attach_eval(name, {**flat_results(result), "eval_report": report["report_path"],
+                                        "evaluated": report["created"]}, cfg.registry.uri)
+            log.info("registry: attached the results to %s", name)
+
+
+_TABLE_ROWS = (("perplexity", "{:.2f}"), ("bits_per_byte", "{:.4f}"), ("perplexity_tokens", "{:d}"))
+
+
+def format_table(report: dict) -> str:
+    """The report's headline figures, one column per model (BLEU 0-100, ROUGE F1 0-1)."""
+    labels = list(report["models"])
+    flats = {label: flat_results(report["models"][label]) for label in labels}
+    keys = list(dict.fromkeys(k for flat in flats.values() for k in flat))
+    formats = dict(_TABLE_ROWS)
+    rows = [["metric", *labels]]
+    for key in keys:
+        fmt = formats.get(key, "{:.2f}" if key.endswith("/bleu") else "{:.4f}")
+        rows.append([key, *(fmt.format(flats[m][key]) if flats[m].get(key) is not None else "-" for m in labels)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _generations_jsonl(rows: list[dict], examples: list[dict]) -> str:
+    lines = []
+    for r in sorted((r for r in rows if r["kind"] == "gen"), key=lambda r: int(r["id"])):
+        e = examples[int(r["id"])]
+        lines.append(json.dumps({"task": e["task"], "line": e["line"], "prompt": e["prompt"],
+                                 "reference": e["reference"], "output": str(r["output"]),
+                                 "prompt_tokens": int(r["prompt_tokens"]), "new_tokens": int(r["new_tokens"]),
+                                 "truncated": bool(r["truncated"])}, ensure_ascii=False))
+    return "\n".join(lines) + "\n"
+
+
+def _file_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", label)
+
+
+def _json_ready(value):
+    """NaN/inf become null (JSON has neither); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _versions() -> dict[str, Optional[str]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("llmos-ray", "ray", "torch", "transformers", "sacrebleu", "rouge-score"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
