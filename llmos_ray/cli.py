@@ -219,10 +219,13 @@ def cmd_models(args) -> None:
     if args.action == "list":
         entries = registry.list_models(uri)
         if not entries:
-            print(f"no models in {registry.registry_uri(uri)}; add one: llmos models register NAME DIR")
+            print(f"no models in {registry.registry_uri(uri)}; add one: {command()} models register NAME DIR")
+            return
+        print(f"{'name':24} {'family':10} {'size':6} {'params':>7}  {'registered':25} uri")
         for e in entries:
             evals = ", ".join(f"{k}={v}" for k, v in e.eval.items())
-            print(f"{e.name:24} {e.family or '-':10} {e.size or '-':6} {e.created:25} {e.uri}"
+            params = registry.human_count(registry.parameter_count(e.uri))
+            print(f"{e.name:24} {e.family or '-':10} {e.size or '-':6} {params:>7}  {e.created:25} {e.uri}"
                   + (f"  [{evals}]" if evals else ""))
     elif args.action == "register":
         from llmos_ray.errors import ConfigError
@@ -234,7 +237,8 @@ def cmd_models(args) -> None:
             raise ConfigError(f"--eval and --meta take JSON objects: {e}") from None
         e = registry.register(args.name, args.uri, family=args.family, size=args.size, source_run=args.source_run,
                               eval=evals, overwrite=args.overwrite, registry=uri, **meta)
-        print(f"registered {e.name} -> {e.uri} in {registry.registry_uri(uri)}\nserve it: llmos serve --model {e.name}")
+        print(f"registered {e.name} -> {e.uri} in {registry.registry_uri(uri)}\n"
+              f"serve it: {command()} serve --model {e.name}")
     elif args.action == "remove":
         e = registry.remove(args.name, uri)
         print(f"removed {e.name} (was {e.uri}); the model files were not touched")

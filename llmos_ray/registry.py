@@ -277,3 +277,34 @@ def default_name(source: str) -> str:
     if len(parts) >= 2 and parts[-1] in ("export", "model", "final", "hf"):
         return parts[-2]
     return parts[-1] if parts else source
+
+
+def parameter_count(uri: str) -> Optional[int]:
+    """Parameters of a local export (summed from its safetensors headers, nothing loaded), else None."""
+    import glob
+    import struct
+
+    if is_remote(uri) or not os.path.isdir(uri):
+        return None
+    total = 0
+    for path in glob.glob(os.path.join(uri, "*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in info["shape"]:
+                    n *= dim
+                total += n
+    return total or None
+
+
+def human_count(n: Optional[int]) -> str:
+    """5_500_000 -> '5.5M'."""
+    if n is None:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)

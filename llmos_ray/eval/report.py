@@ -41,7 +41,8 @@ def new_report(cfg: Config, inputs: dict, resources: dict, threads: int) -> dict
 
 
 def write_report(report: dict) -> dict:
-    """Write `report` (made JSON-ready) to its report_path and return what was written."""
+    """Write `report` (made JSON-ready, with its `legend`) to its report_path and return what was written."""
+    report["legend"] = legend(report)
     report = _json_ready(report)
     write_text(report["report_path"], json.dumps(report, indent=2) + "\n")
     return report
@@ -116,8 +117,28 @@ def attach_to_registry(report: dict, cfg: Config) -> None:
 _TABLE_ROWS = (("perplexity", "{:.2f}"), ("bits_per_byte", "{:.4f}"), ("perplexity_tokens", "{:d}"))
 
 
+def legend(report: dict) -> dict[str, str]:
+    """What each metric of the table is measured on and its scale, from the report's inputs."""
+    out: dict[str, str] = {}
+    ppl = (report.get("inputs") or {}).get("perplexity") or {}
+    if ppl.get("documents"):
+        where = f"{ppl['documents']} held-out documents of {ppl.get('source')} ({', '.join(ppl.get('paths') or [])})"
+        out["perplexity"] = (f"exp(mean negative log-likelihood per token) on {where}; lower is better. A "
+                             "fine-tuned model is scored on this same text, where it is usually worse than its "
+                             "base: it has moved toward its fine-tuning data")
+        out["bits_per_byte"] = "negative log-likelihood in bits per UTF-8 byte of the same text; lower is better; " \
+                               "unlike perplexity, comparable across tokenizers"
+        out["perplexity_tokens"] = "tokens scored (each model's own tokenizer)"
+    for task, info in ((report.get("inputs") or {}).get("tasks") or {}).items():
+        on = f"greedy answers to {info.get('examples')} prompts of {info.get('path')} against their references"
+        out[f"{task}/bleu"] = f"sacreBLEU corpus BLEU, 0-100, of {on}; higher is better"
+        for key, name in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")):
+            out[f"{task}/{key}"] = f"mean {name} F1, 0-1 (stemmed), of the same answers; higher is better"
+    return out
+
+
 def format_table(report: dict) -> str:
-    """The report's headline figures, one column per model (BLEU 0-100, ROUGE F1 0-1)."""
+    """The report's headline figures, one column per model (BLEU 0-100, ROUGE F1 0-1), then the legend."""
     labels = list(report["models"])
     flats = {label: flat_results(report["models"][label]) for label in labels}
     keys = list(dict.fromkeys(k for flat in flats.values() for k in flat))
@@ -129,7 +150,9 @@ def format_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    meaning = report.get("legend") or legend(report)
+    shown = [f"  {key}: {meaning[key]}" for key in keys if key in meaning]
+    return "\n".join(lines + (["", "legend:", *shown] if shown else []))
 
 
 def _generations_jsonl(rows: list[dict], examples: list[dict]) -> str:

@@ -46,13 +46,20 @@ __all__ = ["evaluate", "with_defaults", "resolve_models", "format_table", "flat_
 
 def evaluate(cfg: Config) -> dict:
     """Evaluate every model of `cfg.eval.model`; write `<run.output_dir>/report.json` and return it."""
-    from llmos_ray.runtime import init_ray
+    from llmos_ray.runtime import run_log
 
     started = time.perf_counter()
     cfg = with_defaults(cfg.resolved("evaluate"))
-    ev = cfg.eval
     _check(cfg)
-    models = resolve_models(cfg)
+    models = resolve_models(cfg)  # every mistake in models and paths found before Ray starts
+    with run_log(cfg.run.output_dir):
+        return _evaluate(cfg, models, started)
+
+
+def _evaluate(cfg: Config, models: list[dict], started: float) -> dict:
+    from llmos_ray.runtime import init_ray
+
+    ev = cfg.eval
     init_ray()
     documents, examples, inputs_info = read_inputs(cfg)
     inputs = model_inputs(documents, examples)
@@ -98,9 +105,15 @@ def with_defaults(cfg: Config) -> Config:
 
 
 def _check(cfg: Config) -> None:
+    from llmos_ray.data.sources import expand_sources
+
     if not cfg.eval.model:
         raise ConfigError("eval.model is empty: name at least one model directory or registry name "
                           "(llmos evaluate --model DIR_OR_NAME, or eval.model=[a,b])")
+    for key in ("perplexity_paths", "task_paths"):
+        paths = getattr(cfg.eval, key)
+        if paths:
+            expand_sources(list(paths), "auto", cfg.data.storage_options)  # DataError naming a missing path
 
 
 def resolve_models(cfg: Config) -> list[dict]:

@@ -68,9 +68,11 @@ class ModelWorker:
         import torch
 
         from llmos_ray.models import context_length
+        from llmos_ray.runtime import worker_logging
         from llmos_ray.serve.loading import load_model
         from llmos_ray.serve.spec import ModelSpec
 
+        worker_logging()
         torch.set_num_threads(settings["threads"])
         spec = ModelSpec(name=model["label"], uri=model["uri"], base_uri=model["base_uri"], device=settings["device"],
                          trust_remote_code=settings["trust_remote_code"])

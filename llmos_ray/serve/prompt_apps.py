@@ -119,7 +119,13 @@ async def run(models: ServedModels, app: str, body: bytes, ctx: RequestContext) 
     """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
     data = read_json(body)
     messages, defaults = render(app, data)
-    spec = models.get(data.get("model"), ctx)
+    name = data.get("model")
+    if name is None and len(models.specs) == 1:  # one model served: an app needs no name for it
+        name = next(iter(models.specs))
+    elif name is None:
+        raise APIError(400, f"model: field required (served models: {', '.join(models.specs)})", param="model",
+                       code="missing_required_parameter")
+    spec = models.get(name, ctx)
     given = {k: v for k, v in data.items() if k in SamplingFields.model_fields}
     fields = validate({**defaults, **given}, SamplingFields)
     params = models.sampling_params(fields, spec, fields.max_tokens if "max_tokens" in given else None,

@@ -19,6 +19,7 @@ each rank lists what it wrote, so `validate` tells a complete checkpoint from on
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -279,7 +280,6 @@ def to_universal(zero_dir: str, out_dir: str) -> str:
     """Convert one tag folder of a DeepSpeed ZeRO-1/2/3 checkpoint (zero_pp_rank_*_optim_states.pt …)
     into a universal checkpoint at `out_dir`: per-parameter fp32 weights, exp_avg, exp_avg_sq and
     step under `out_dir/zero/`, which any number of workers can load. Runs in this process (no pool)."""
-    import contextlib
     import types
 
     from deepspeed.checkpoint import ds_to_universal
@@ -289,11 +289,21 @@ def to_universal(zero_dir: str, out_dir: str) -> str:
                                  # our engines record no UNIVERSAL_CHECKPOINT_INFO (only tensor-parallel
                                  # models need its patterns); ZeRO-1/2 conversion asserts it exists
                                  inject_missing_state=True)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with prints_to_log("ds_to_universal"):
         ds_to_universal.main(args)
-    log.debug("ds_to_universal: %s", printed.getvalue())
     return out_dir
+
+
+@contextlib.contextmanager
+def prints_to_log(what: str):
+    """DeepSpeed's checkpoint tools print their progress; the lines go to this module's log instead."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            log.info("%s: %s", what, line)
 
 
 def consolidated_state_dict(ckpt) -> dict:
@@ -315,7 +325,8 @@ def _consolidate_local(checkpoint_dir: str, zero_stage: int) -> dict:
         return {k: v.float() for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)
+    with prints_to_log("zero_to_fp32"):
+        return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)
 
 
 def _lora_model(config, weights: dict, run_cfg):

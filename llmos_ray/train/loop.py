@@ -186,8 +186,10 @@ def setup_worker(loop_config: dict[str, Any]) -> Worker:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed first picks its accelerator
+    from llmos_ray.runtime import worker_logging
     from llmos_ray.train.deepspeed import choose_precision, deepspeed_config
 
+    worker_logging()  # our warnings (a damaged checkpoint skipped, a resume path) reach the console
     cfg: Config = from_dict(loop_config["config"])
     job = loop_config.get("job", "pretrain")
     if job not in JOBS:

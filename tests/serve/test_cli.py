@@ -34,6 +34,9 @@ def test_serve_command_runs_until_sigterm(ray_session, tiny_model_dir, tmp_path,
             seen["completion"] = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
                                             headers={"Authorization": "Bearer k"},
                                             json={"model": "tiny", "prompt": "hi", "max_tokens": 3}).status_code
+            seen["app"] = httpx.post(f"http://127.0.0.1:{port}/v1/apps/summarize", timeout=30,  # no "model":
+                                     headers={"Authorization": "Bearer k"},  # the one served model
+                                     json={"text": "A long text.", "max_tokens": 3}).json()
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -47,6 +50,7 @@ def test_serve_command_runs_until_sigterm(ray_session, tiny_model_dir, tmp_path,
         serve.shutdown()  # the next module starts Serve on its own port
     assert code == 0
     assert [m["id"] for m in seen["models"]["data"]] == ["tiny"] and seen["completion"] == 200
+    assert seen["app"]["model"] == "tiny" and seen["app"]["app"] == "summarize"
     out = capsys.readouterr().out
     assert f"http://127.0.0.1:{port}/v1" in out and "stopped" in out.splitlines()
     assert signal.getsignal(signal.SIGTERM) is before  # restored
