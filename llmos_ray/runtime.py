@@ -83,7 +83,9 @@ def run_log(output_dir: str):
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    loggers = [logging.getLogger(), logging.getLogger("ray"), logging.getLogger("llmos_ray.progress")]
+    with contextlib.suppress(ImportError):
+        import ray.data  # noqa: F401 - Ray Data configures its own logger on import: let it, then adjust it
+    loggers = [logging.getLogger(), logging.getLogger("llmos_ray.progress"), *_ray_loggers()]
     previous = {lg: lg.level for lg in loggers}
     for lg in loggers:
         lg.addHandler(handler)
@@ -123,7 +125,7 @@ def _quiet_ray_console() -> None:
     CONSOLE_NOISE; its INFO lines (a banner per start, each dataset's plan) reach the run log."""
     if _state["verbose"]:
         return
-    for h in logging.getLogger("ray").handlers:
+    for h in (h for lg in _ray_loggers() for h in lg.handlers):
         if not isinstance(h, logging.FileHandler):
             h.setLevel(max(h.level, logging.WARNING))
             if not any(getattr(f, "llmos_noise", False) for f in h.filters):
@@ -131,6 +133,13 @@ def _quiet_ray_console() -> None:
                 noise.filter = lambda record: not _is_noise(record.getMessage())
                 noise.llmos_noise = True
                 h.addFilter(noise)
+
+
+def _ray_loggers() -> list[logging.Logger]:
+    """Ray's loggers with handlers of their own ("ray", and "ray.data" once Ray Data is imported):
+    they do not propagate, so each gets the run log's handler and a quiet console."""
+    names = [n for n in logging.Logger.manager.loggerDict if n == "ray" or n.startswith("ray.")]
+    return [lg for lg in map(logging.getLogger, dict.fromkeys(["ray", *names])) if lg.handlers and not lg.propagate]
 
 
 def worker_logging() -> None:
