@@ -9,8 +9,9 @@
     cleanup   wandb
 
 Pretraining, fine-tuning and distillation share it; they differ in the batches (`targets` of
--100 carry no loss), adapters (LoRA) and the loss (against a teacher). The pieces live beside it:
-model.py (building and loading models), readers.py (micro-batches), losses.py, checkpoint.py.
+-100 carry no loss), adapters (LoRA) and the objective — a `Task` (tasks.py) turns micro-batches
+into model inputs, the loss and the validation NLL. The pieces live beside it: model.py (building
+and loading models), readers.py (micro-batches), tasks.py and losses.py, checkpoint.py.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import numpy as np
 from llmos_ray.config import Config, from_dict
 from llmos_ray.errors import ConfigError
 from llmos_ray.train import checkpoint as ckpt_io
-from llmos_ray.train.losses import causal_lm_loss, distill_loss, inputs_and_targets, mean_over_ranks, validation_loss
+from llmos_ray.train.losses import mean_over_ranks, validation_loss
 from llmos_ray.train.model import build_model, choose_device, load_teacher, share_fp32_partitions
 from llmos_ray.train.readers import START, open_reader
+from llmos_ray.train.tasks import task_for
 from llmos_ray.train.tracking import start_wandb
 
 log = logging.getLogger(__name__)
@@ -100,12 +102,13 @@ class Resume:
 
 @dataclass
 class Training:
-    """What a worker trains: the DeepSpeed engine around the model, its LR schedule, a distillation teacher."""
+    """What a worker trains: the DeepSpeed engine around the model, its LR schedule, and the task
+    (tasks.py: the objective, which turns micro-batches into model inputs and losses)."""
 
     engine: Any
     model: Any
     scheduler: Any
-    teacher: Any = None
+    task: Any
 
 
 @dataclass
@@ -239,7 +242,7 @@ def build(worker: Worker, resume: Resume) -> Training:
     _seed_everything(worker.cfg.run.seed)
     model, teacher = _setup_model(worker, resume)
     engine, scheduler = _setup_engine(worker, model, resume)
-    return Training(engine, model, scheduler, teacher)
+    return Training(engine, model, scheduler, task_for(worker.cfg, worker.job, teacher))
 
 
 def _seed_everything(seed: int) -> None:
@@ -329,18 +332,12 @@ def measure_throughput(worker: Worker, model) -> Throughput:
 def train_step(training: Training, reader, worker: Worker, window: MetricsWindow) -> None:
     """One optimizer step: its micro-batches (train.global_batch_size / micro-batch / workers), each
     forward and backward (DeepSpeed steps the optimizer after the last one)."""
-    cfg, engine = worker.cfg, training.engine
+    engine, task = training.engine, training.task
     for _ in range(worker.accumulation):
-        inputs, targets = inputs_and_targets(reader.next_agreed(worker.dist), worker.device)
-        kl = None
-        if training.teacher is None:
-            loss = causal_lm_loss(engine, inputs, targets)
-        else:
-            loss, kl = distill_loss(engine, training.teacher, inputs, targets, cfg.distill.temperature,
-                                    cfg.distill.alpha)
+        loss, extras = task.loss(engine, task.batch(reader.next_agreed(worker.dist), worker.device))
         engine.backward(loss)
         engine.step()
-        window.add(loss.item(), kl)
+        window.add(loss.item(), extras.get("kl"))
 
 
 def report_step(training: Training, state: WorkerState, worker: Worker, window: MetricsWindow,
@@ -355,8 +352,8 @@ def report_step(training: Training, state: WorkerState, worker: Worker, window: 
         metrics.update(log_metrics(training, state, worker, window, throughput))
         window.reset()
     if val_blocks is not None and (step % t.eval_every == 0 or last):
-        val_loss = validation_loss(training.engine, val_blocks, worker.cfg, worker.rank, worker.world, worker.device,
-                                   worker.dist)
+        val_loss = validation_loss(training.engine, training.task, val_blocks, worker.cfg, worker.rank, worker.world,
+                                   worker.device, worker.dist)
         metrics.update(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
         training.engine.train()
         window.restart_clock()
@@ -392,6 +389,6 @@ def log_metrics(training: Training, state: WorkerState, worker: Worker, window: 
         step=state.step, loss=loss, lr=training.scheduler.get_last_lr()[0], tokens=state.tokens_seen,
         tokens_per_s=tps, mfu=mfu(throughput.flops_per_token, tps, throughput.peak_flops), epoch=state.data["epoch"],
         grad_norm=float(grad_norm) if grad_norm is not None else None, step_time_s=elapsed / max(1, window.steps))
-    if training.teacher is not None:
+    if training.task.name == "distill":
         metrics["kl"] = mean_over_ranks(dist, window.kl / max(1, window.micro_batches), device)
     return metrics

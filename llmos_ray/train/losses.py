@@ -55,11 +55,21 @@ def distill_loss(engine, teacher, inputs, targets, temperature: float, alpha: fl
     return alpha * temperature**2 * kl + (1 - alpha) * ce, kl.item()
 
 
-def validation_loss(engine, val_blocks: np.ndarray, cfg: Config, rank: int, world: int, device, dist) -> float:
-    """Token-weighted mean validation loss over every rank's share of `val_blocks`. Every rank runs
-    the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
-    import torch
+def next_token_nll(engine, inputs, targets) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over targets that are not -100, and how many there are."""
     import torch.nn.functional as F
+
+    logits = engine(input_ids=inputs).logits.float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum",
+                          ignore_index=-100)
+    return nll.item(), int((targets != -100).sum())
+
+
+def validation_loss(engine, task, val_blocks: np.ndarray, cfg: Config, rank: int, world: int, device,
+                    dist) -> float:
+    """Target-weighted mean validation loss of `task` over every rank's share of `val_blocks`. Every
+    rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
+    import torch
 
     engine.eval()
     mb = cfg.train.micro_batch_size
@@ -74,12 +84,8 @@ def validation_loss(engine, val_blocks: np.ndarray, cfg: Config, rank: int, worl
                 weight = 0.0
             else:
                 weight = 1.0
-            x, y = inputs_and_targets(chunk, device)
-            logits = engine(input_ids=x).logits.float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum",
-                                  ignore_index=-100)
-            counted = int((y != -100).sum())
-            total += torch.tensor([nll.item() * weight, counted * weight], dtype=torch.float64, device=device)
+            nll, counted = task.nll(engine, task.batch(chunk, device))
+            total += torch.tensor([nll * weight, counted * weight], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return float(total[0] / max(total[1], 1.0))
 
