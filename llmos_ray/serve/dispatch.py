@@ -3,6 +3,7 @@
     models = ServedModels(specs, handles, retry_after_s)
     spec = models.get(name, ctx)                          # 404 naming the served models
     params = models.sampling_params(fields, spec, max_tokens)   # the server's max_tokens cap
+    models.check_fanout(spec, count, "prompt")            # 400 for more completions than it can ever admit
     if models.input_blocked(spec, texts): ...             # input safety rules
     result = await models.generate(spec, request)         # a replica that died is retried
     [(text, finish)] = models.finish(spec, [result])      # output safety rules
@@ -26,10 +27,13 @@ from llmos_ray.serve.protocol import SamplingFields
 from llmos_ray.serve.safety import OutputFilter, SafetyPolicy
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import APIError, GenerationRequest, Result, SamplingParams, bad_request
+from llmos_ray.serve.validation import shown
 
 log = logging.getLogger(__name__)
 
 RETRIES = 4  # attempts when a replica dies under a request (0.5, 1, 2 s apart) while Serve replaces it
+MAX_FANOUT = 64
+"""At most this many completions (prompts x n, or a v2 infer batch) in one HTTP request."""
 
 
 class ServedModels:
@@ -50,7 +54,7 @@ class ServedModels:
         """The spec of served model `name` (404 naming `param` otherwise); counted under it in `ctx`."""
         # Names are only ever dictionary keys here: a name is never turned into a path.
         if not isinstance(name, str) or name not in self.specs:
-            raise APIError(404, f"model {name!r} does not exist; served models: {', '.join(self.specs)}",
+            raise APIError(404, f"model {shown(name)} does not exist; served models: {', '.join(self.specs)}",
                            param=param, code="model_not_found")
         if ctx is not None:
             ctx.model = name
@@ -70,8 +74,26 @@ class ServedModels:
         return SamplingParams(max_tokens=max_tokens, temperature=fields.temperature, top_p=fields.top_p,
                               seed=fields.seed, stop=list(fields.stop or []), presence_penalty=fields.presence_penalty,
                               frequency_penalty=fields.frequency_penalty,
-                              logit_bias={int(k): v for k, v in fields.logit_bias.items()} if fields.logit_bias
-                              else None, ignore_eos=fields.ignore_eos, min_tokens=fields.min_tokens)
+                              logit_bias=fields.logit_bias, ignore_eos=fields.ignore_eos, min_tokens=fields.min_tokens)
+
+    @staticmethod
+    def admission_limit(spec: ModelSpec) -> int:
+        """The most generations of one request that model `spec` can ever hold at once: what its
+        replicas run or hold (max_replicas x max_ongoing_requests) plus the queue in front of them,
+        and at most MAX_FANOUT."""
+        held = spec.max_replicas * spec.max_ongoing_requests
+        return min(MAX_FANOUT, held + spec.max_queued_requests if spec.max_queued_requests > 0 else MAX_FANOUT)
+
+    def check_fanout(self, spec: ModelSpec, count: int, param: str) -> None:
+        """A 400 (not a 503 that invites a retry) for a request of more generations than model
+        `spec` will ever admit at once."""
+        limit = self.admission_limit(spec)
+        if count > limit:
+            why = ("this server's limit per request" if limit == MAX_FANOUT else
+                   f"what model {spec.name!r} can ever hold at once: {spec.max_replicas} replica(s) x "
+                   f"max_ongoing_requests {spec.max_ongoing_requests} + max_queued_requests {spec.max_queued_requests}")
+            raise bad_request(f"{param}: this request asks for {count} completions; at most {limit} fit ({why}); "
+                              "send them in smaller requests", param, "too_many_completions")
 
     # -- safety --------------------------------------------------------------------------------
 

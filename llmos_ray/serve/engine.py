@@ -12,6 +12,12 @@ axis, and finished rows leave the batch at once. Every row has its own sampling 
 at temperature 0, temperature/top_p, seed, penalties, stop strings, max_tokens), so one batch
 mixes any requests (the next token per row: `sampling.sample`). The caller's event loop never runs
 model code. The Serve deployment that feeds it is `replica.ModelServer`.
+
+Blast radius of one: whatever fails for one row (its sampling settings, its logits, decoding its
+text, its consumer) ends that request alone with an error Chunk (`_fail`) while the other rows
+keep decoding; a prefill that raises is retried row by row, so one prompt that breaks the model
+fails alone and the running batch never sees it. Only a failing forward pass of the running
+batch itself fails the rows in it (the model failed, not one request); the engine goes on.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from typing import Any, Callable, Optional
 
 from llmos_ray.models import context_length, eos_token_ids
 from llmos_ray.serve.loading import load_model
-from llmos_ray.serve.sampling import sample
+from llmos_ray.serve.prompting import prepare
+from llmos_ray.serve.sampling import is_greedy, sample
 from llmos_ray.serve.spec import ModelSpec
-from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, SamplingParams, bad_request
+from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -97,57 +104,8 @@ class Engine:
     def prepare(self, request: GenerationRequest, default_max_tokens: Optional[int] = None
                 ) -> tuple[list[int], SamplingParams, frozenset[int]]:
         """Tokenize and check a request against the context: (prompt ids, params, stop token ids).
-        Raises APIError 400 naming the field."""
-        params = request.params
-        if request.messages is not None:
-            ids = self.tokenizer.encode(self.render_chat(request.messages), add_special_tokens=False)
-            field_name, stop_ids = "messages", self.turn_end_ids
-        elif request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise bad_request(f"prompt: token id {bad} is outside the vocabulary [0, {self.vocab_size})", "prompt")
-            field_name, stop_ids = "prompt", self.eos_ids
-        else:
-            ids = self.tokenizer.encode(request.prompt or "")
-            field_name, stop_ids = "prompt", self.eos_ids
-        if not ids:
-            ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_ids_first]
-        room = self.context_length - len(ids)
-        if room < 1:
-            raise bad_request(f"{field_name}: the prompt has {len(ids)} tokens; model {self.name!r} has a context of "
-                              f"{self.context_length} tokens, leaving no room to generate", field_name,
-                              "context_length_exceeded")
-        max_tokens = params.max_tokens
-        if max_tokens is not None:
-            if max_tokens > self.max_tokens_limit:
-                raise bad_request(f"max_tokens: {max_tokens} is above this server's limit of {self.max_tokens_limit}",
-                                  "max_tokens")
-            if max_tokens > room:
-                raise bad_request(f"max_tokens: {max_tokens} plus the prompt's {len(ids)} tokens exceeds model "
-                                  f"{self.name!r}'s context of {self.context_length} tokens (at most {room})",
-                                  "max_tokens", "context_length_exceeded")
-        else:
-            max_tokens = min(room, self.max_tokens_limit, default_max_tokens or self.max_tokens_limit)
-        if params.logit_bias:
-            bad = next((t for t in params.logit_bias if not 0 <= int(t) < self.vocab_size), None)
-            if bad is not None:
-                raise bad_request(f"logit_bias: token id {bad} is outside the vocabulary", "logit_bias")
-        params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
-        return ids, params, stop_ids
-
-    @property
-    def eos_ids_first(self) -> int:
-        return min(self.eos_ids) if self.eos_ids else 0
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of a conversation: the tokenizer's chat template, or a plain fallback."""
-        if self.has_chat_template:
-            try:
-                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as e:  # jinja raises for roles a template does not accept
-                raise bad_request(f"messages: the model's chat template rejected them: {e}", "messages") from None
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        Raises APIError 400 naming the field (`prompting.prepare`)."""
+        return prepare(self, request, default_max_tokens)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Chunk], None],
                stop_ids: Optional[frozenset[int]] = None) -> _Row:
@@ -161,7 +119,7 @@ class Engine:
         rows = []
         for prompt_ids, params, sink, stop_ids in items:
             row = _Row(prompt_ids, params, sink, self.eos_ids if stop_ids is None else stop_ids)
-            if params.temperature > 0:
+            if not is_greedy(params):
                 row.generator = (torch.Generator(device=self.device).manual_seed(params.seed)
                                  if params.seed is not None else self._rng)
             if params.presence_penalty or params.frequency_penalty:
@@ -238,8 +196,8 @@ class Engine:
                 if not row.cancelled:
                     new.append(row)
         if new:
-            self._admitting = new  # failed along with the batch if the prefill raises
-            self._prefill(new)
+            self._admitting = new  # failed by the loop if joining them to the batch raises
+            self._admit(new)
             self._admitting = []
         if self._rows:
             self._decode()
@@ -250,7 +208,28 @@ class Engine:
             kwargs["logits_to_keep"] = 1
         return self.model(use_cache=True, **kwargs)
 
-    def _prefill(self, new: list[_Row]) -> None:
+    def _admit(self, new: list[_Row]) -> None:
+        """Prefill the newcomers together and join them to the running batch. A prefill that
+        raises is retried row by row, so the row that breaks it fails alone; the running rows never
+        see it (their cache is joined only after a prefill succeeded)."""
+        try:
+            out, mask = self._prefill(new)
+        except Exception as e:
+            if len(new) > 1:
+                for row in new:
+                    self._admit([row])
+            else:
+                log.exception("prefill failed for one request to model %s", self.name)
+                self._fail(new[0], f"prefill failed: {type(e).__name__}: {e}")
+            return
+        self._join(new, out.past_key_values, mask)
+        self._advance(new, out.logits[:, -1, :])
+        self.stats["prefills"] += 1
+        self.stats["generated_tokens"] += len(new)
+        self._retire()
+
+    def _prefill(self, new: list[_Row]):
+        """The forward pass over the newcomers' prompts (left-padded): (model output, attention mask)."""
         import torch
 
         width = max(len(r.prompt_ids) for r in new)
@@ -261,11 +240,7 @@ class Engine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-        self._join(new, out.past_key_values, mask)
-        self._advance(new, out.logits[:, -1, :])
-        self.stats["prefills"] += 1
-        self.stats["generated_tokens"] += len(new)
-        self._retire()
+        return out, mask
 
     def _decode(self) -> None:
         import torch
@@ -324,8 +299,16 @@ class Engine:
                 self._mask = self._mask[:, first:]
 
     def _advance(self, rows: list[_Row], logits) -> None:
-        for row, token in zip(rows, sample(rows, logits)):
-            self._accept(row, token)
+        """Sample and accept the next token of every row; a row that fails ends alone."""
+        sampled = sample(rows, logits)
+        for i, (row, token) in enumerate(zip(rows, sampled.tokens)):
+            if i in sampled.failed:
+                self._fail(row, f"sampling failed: {sampled.failed[i]}")
+                continue
+            try:
+                self._accept(row, token)
+            except Exception as e:  # e.g. the tokenizer cannot decode the row's tokens
+                self._fail(row, f"{type(e).__name__}: {e}")
 
     def _accept(self, row: _Row, token: int) -> None:
         """Append a sampled token to `row`, find stops, and emit the text that is safe to show."""
@@ -357,8 +340,24 @@ class Engine:
             safe = _safe_length(text, row.params.stop)
         delta = text[row.sent:safe] if safe > row.sent else ""
         row.sent = max(row.sent, safe)
-        if (delta or finish) and not row.cancelled:
-            row.sink(Chunk(delta, finish, len(row.prompt_ids), len(row.generated), row.max_batch))
+        if delta or finish:
+            self._send(row, Chunk(delta, finish, len(row.prompt_ids), len(row.generated), row.max_batch))
+
+    def _send(self, row: _Row, chunk: Chunk) -> None:
+        """Give `chunk` to the row's consumer; a consumer that raises is gone: the row is cancelled."""
+        if row.cancelled:
+            return
+        try:
+            row.sink(chunk)
+        except Exception:
+            log.exception("model %s: the consumer of a request failed; the request is cancelled", self.name)
+            row.cancelled = True
+
+    def _fail(self, row: _Row, message: str) -> None:
+        """End one request with an error Chunk; the rest of the batch goes on."""
+        log.warning("model %s: one request failed and ends alone, the batch goes on: %s", self.name, message)
+        row.finish = "error"
+        self._send(row, Chunk("", "error", len(row.prompt_ids), len(row.generated), row.max_batch, error=message))
 
     def _fail_all(self, message: str, waiting: bool = False) -> None:
         rows = self._rows + self._admitting + (list(self._waiting) if waiting else [])
@@ -368,7 +367,7 @@ class Engine:
         for r in rows:
             if r.finish is None:
                 r.finish = "error"
-                r.sink(Chunk("", "error", len(r.prompt_ids), len(r.generated), r.max_batch, error=message))
+                self._send(r, Chunk("", "error", len(r.prompt_ids), len(r.generated), r.max_batch, error=message))
 
     def _warmup(self) -> bool:
         """Run one token through the model; report whether its KV cache can be merged across requests."""

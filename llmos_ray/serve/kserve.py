@@ -10,25 +10,31 @@
 
 Both JSON tensors and Triton's binary tensor data extension (`Inference-Header-Content-Length`,
 4-byte little-endian length before each BYTES element) are understood, so `tritonclient.http`
-works with its defaults. The protocol's bodies (parse_infer, infer_response, ...) are pure
-functions; `KServeRoutes` is what the /v2 routes do with them. Errors are `{"error": "..."}`.
+works with its defaults. Bodies are validated by strict request models (`InferBody`,
+`GenerateBody`: the wrong JSON type for `parameters`, `outputs` or `binary_data_size` is a 400
+naming it), then by the protocol's rules (shapes, binary data, datatypes). The protocol's bodies
+(parse_infer, infer_response, ...) are pure functions; `KServeRoutes` is what the /v2 routes do
+with them. Errors are `{"error": "..."}`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.middleware import RequestContext
-from llmos_ray.serve.protocol import SamplingFields, event_stream, read_json, sse, usage, validate
+from llmos_ray.serve.protocol import SamplingFields, event_stream, sse, usage
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import APIError, GenerationRequest, SamplingParams
+from llmos_ray.serve.validation import StrictRequest, read_json, validate
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
                  "ignore_eos", "min_tokens")
@@ -39,11 +45,51 @@ INPUTS = [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}] + [
 OUTPUTS = [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
 
 
+class TensorParameters(StrictRequest):
+    binary_data_size: Optional[int] = Field(None, ge=0)
+    """Bytes of this tensor's data in the binary part of the body (Triton's binary tensor extension)."""
+    binary_data: Optional[bool] = None
+
+
+class InputTensor(StrictRequest):
+    name: str
+    datatype: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    parameters: Optional[TensorParameters] = None
+    data: Any = None
+    """The elements, flat or nested by shape; absent when they are binary."""
+
+
+class RequestedOutput(StrictRequest):
+    name: str
+    parameters: Optional[TensorParameters] = None
+
+
+class InferParameters(SamplingFields):
+    binary_data_output: Optional[bool] = None
+
+
+class InferBody(StrictRequest):
+    """The JSON part of a v2 infer request."""
+
+    id: Optional[str] = None
+    inputs: list[InputTensor] = Field(min_length=1)
+    outputs: Optional[list[RequestedOutput]] = None
+    parameters: Optional[InferParameters] = None
+
+
+class GenerateBody(SamplingFields):
+    """A /generate[_stream] body: the sampling fields at the top or in `parameters` (which win)."""
+
+    text_input: str
+    parameters: Optional[SamplingFields] = None
+
+
 @dataclass
 class InferRequest:
     id: Optional[str]
     texts: list[str]
-    sampling: dict[str, Any]
+    sampling: SamplingFields
     binary_outputs: set[str] = field(default_factory=set)
 
 
@@ -62,42 +108,43 @@ def parse_infer(body: bytes, header_length: Optional[str]) -> InferRequest:
         raise bad("Inference-Header-Content-Length must be an integer") from None
     if not 0 <= split <= len(body):
         raise bad(f"Inference-Header-Content-Length {split} is outside the body ({len(body)} bytes)")
-    head = read_json(body[:split])
-    if not isinstance(head.get("inputs"), list):
-        raise bad("request must be a JSON object with an 'inputs' list", "inputs")
+    raw = read_json(body[:split])
+    head = validate(raw, InferBody)
     binary, offset = body[split:], 0
     values: dict[str, list] = {}
-    for i, tensor in enumerate(head["inputs"]):
-        if not isinstance(tensor, dict) or "name" not in tensor or "datatype" not in tensor:
-            raise bad(f"inputs[{i}] needs 'name', 'datatype', 'shape' and data", f"inputs[{i}]")
-        name, dtype = tensor["name"], tensor["datatype"]
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+    for tensor in head.inputs:
+        name = tensor.name
+        size = tensor.parameters.binary_data_size if tensor.parameters else None
         if size is not None:
             if offset + size > len(binary):
-                raise bad(f"inputs[{i}] ({name}): binary_data_size {size} runs past the body", f"inputs.{name}")
-            raw, offset = binary[offset:offset + size], offset + size
-            data = _bytes_elements(raw, name) if dtype == "BYTES" else _numeric_elements(raw, dtype, name)
+                raise bad(f"inputs.{name}: binary_data_size {size} runs past the body", f"inputs.{name}")
+            chunk, offset = binary[offset:offset + size], offset + size
+            data = _bytes_elements(chunk, name) if tensor.datatype == "BYTES" else \
+                _numeric_elements(chunk, tensor.datatype, name)
         else:
-            data = _flatten(tensor.get("data"))
+            data = _flatten(tensor.data)
             if data is None:
-                raise bad(f"inputs[{i}] ({name}) has neither data nor binary_data_size", f"inputs.{name}")
+                raise bad(f"inputs.{name}: has neither data nor binary_data_size", f"inputs.{name}")
+        if len(data) != math.prod(tensor.shape):
+            raise bad(f"inputs.{name}: shape {tensor.shape} holds {math.prod(tensor.shape)} elements, the data "
+                      f"has {len(data)}", f"inputs.{name}")
         values[name] = data
-    if "text_input" not in values:
-        raise bad("input 'text_input' (BYTES) is required", "inputs.text_input")
-    texts = [_text(v) for v in values["text_input"]]
-    sampling = {k: v for k, v in (head.get("parameters") or {}).items() if k in SAMPLING_KEYS}
-    for key in SAMPLING_KEYS:
-        if key in values and values[key]:
-            v = values[key]
-            v = [_text(s) for s in v] if key == "stop" else v[0]
-            sampling[key] = v.item() if hasattr(v, "item") else v
-    outputs = head.get("outputs") or []
-    want_binary = bool((head.get("parameters") or {}).get("binary_data_output"))
-    binary_outputs = {o.get("name") for o in outputs if isinstance(o, dict) and
-                      (o.get("parameters") or {}).get("binary_data", want_binary)}
+    if not values.get("text_input"):
+        raise bad("inputs.text_input: a BYTES input with at least one element is required", "inputs.text_input")
+    texts = [_text(v, "text_input") for v in values["text_input"]]
+    given = {k: v for k, v in (raw.get("parameters") or {}).items() if k in SamplingFields.model_fields}
+    from_inputs = {k: [_text(s, k) for s in values[k]] if k == "stop" else values[k][0]
+                   for k in SAMPLING_KEYS if values.get(k)}
+    validate(from_inputs, SamplingFields, prefix="inputs")
+    sampling = validate({**given, **from_inputs}, SamplingFields, prefix="parameters")
+    want_binary = bool(head.parameters and head.parameters.binary_data_output)
+    outputs = head.outputs or []
+    binary_outputs = {o.name for o in outputs
+                      if (o.parameters.binary_data if o.parameters and o.parameters.binary_data is not None
+                          else want_binary)}
     if not outputs and want_binary:
         binary_outputs = {"text_output"}
-    return InferRequest(head.get("id"), texts, sampling, binary_outputs)
+    return InferRequest(head.id, texts, sampling, binary_outputs)
 
 
 def infer_response(model: str, request_id: Optional[str], texts: list[str], binary: bool,
@@ -119,15 +166,13 @@ def infer_response(model: str, request_id: Optional[str], texts: list[str], bina
                           "inference-header-content-length": str(len(header))}
 
 
-def parse_generate(body: bytes) -> tuple[str, dict[str, Any]]:
+def parse_generate(body: bytes) -> tuple[str, SamplingFields]:
     """(text_input, sampling fields) of a /generate body; sampling keys may sit at the top or in `parameters`."""
-    data = read_json(body)
-    if not isinstance(data.get("text_input"), str):
-        raise APIError(400, "text_input: a string is required", param="text_input", code="invalid_value")
-    parameters = data.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise APIError(400, "parameters: must be an object", param="parameters", code="invalid_value")
-    return data["text_input"], {**{k: v for k, v in data.items() if k in SAMPLING_KEYS}, **parameters}
+    raw = read_json(body)
+    validate(raw, GenerateBody)  # names a bad field where it is, at the top or in parameters
+    parameters = raw.get("parameters") or {}
+    merged = {**{k: v for k, v in raw.items() if k in SamplingFields.model_fields}, **parameters}
+    return raw["text_input"], validate(merged, SamplingFields, prefix="parameters")
 
 
 def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
@@ -136,6 +181,9 @@ def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
         if i + 4 > len(raw):
             raise APIError(400, f"input {name}: truncated BYTES element", param=f"inputs.{name}")
         (n,) = struct.unpack_from("<I", raw, i)
+        if i + 4 + n > len(raw):
+            raise APIError(400, f"input {name}: a BYTES element of {n} bytes runs past its tensor's data",
+                           param=f"inputs.{name}")
         out.append(raw[i + 4:i + 4 + n])
         i += 4 + n
     return out
@@ -162,15 +210,17 @@ def _flatten(data) -> Optional[list]:
     return out
 
 
-def _text(value) -> str:
+def _text(value, name: str) -> str:
+    """One element of the BYTES input `name` as text."""
     if isinstance(value, bytes):
         try:
             return value.decode()
         except UnicodeDecodeError:
-            raise APIError(400, "text_input must be UTF-8", param="inputs.text_input") from None
+            raise APIError(400, f"inputs.{name}: elements must be UTF-8 text", param=f"inputs.{name}",
+                           code="invalid_value") from None
     if not isinstance(value, str):
-        raise APIError(400, f"text_input elements must be strings, got {type(value).__name__}",
-                       param="inputs.text_input")
+        raise APIError(400, f"inputs.{name}: elements must be strings, got {type(value).__name__}",
+                       param=f"inputs.{name}", code="invalid_value")
     return value
 
 
@@ -202,13 +252,13 @@ class KServeRoutes:
         ready = await self.models.ready(spec.name)
         return JSONResponse({"name": spec.name, "ready": ready}, status_code=200 if ready else 503)
 
-    def _params(self, raw: dict[str, Any], spec: ModelSpec) -> SamplingParams:
-        fields = validate(raw, SamplingFields, prefix="parameters")
+    def _params(self, fields: SamplingFields, spec: ModelSpec) -> SamplingParams:
         return self.models.sampling_params(fields, spec, fields.max_tokens)
 
     async def infer(self, name: str, body: bytes, header_length: Optional[str], ctx: RequestContext) -> Response:
         spec = self.models.get(name, ctx, "name")
         parsed = parse_infer(body, header_length)
+        self.models.check_fanout(spec, len(parsed.texts), "inputs.text_input")
         params = self._params(parsed.sampling, spec)
         if self.models.input_blocked(spec, parsed.texts):
             texts, finishes, results = [""] * len(parsed.texts), ["content_filter"] * len(parsed.texts), []

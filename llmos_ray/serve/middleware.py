@@ -7,7 +7,9 @@
     API keys      `Authorization: Bearer <key>` on metered routes (health probes stay open)
     body limit    serve.max_request_bytes, checked as the body arrives (`request_body`)
     error shape   APIError -> OpenAI's {"error": {message, type, param, code}} on /v1 and
-                  KServe's {"error": "..."} on /v2; an error no handler caught -> the same, 500
+                  KServe's {"error": "..."} on /v2; an error no handler caught -> the same, 500;
+                  FastAPI's own request errors -> the same, 400 (never its 422 {"detail"});
+                  error bodies are ASCII JSON, so no text a client sent can break their encoding
 
 `install(api)` adds the middleware and error handlers to the FastAPI app; a route opts into
 metrics and keys with `dependencies=metered("route")` and reads its body with
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import hmac
+import json
 import logging
 import os
 import time
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -115,10 +119,17 @@ def _observe(ctx: RequestContext, status: int) -> None:
 # -- the error shape ---------------------------------------------------------------------------
 
 
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: whatever text a message quotes, it always encodes."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def error_response(path: str, exc: APIError) -> JSONResponse:
     """KServe's {"error": message} under /v2, OpenAI's error object elsewhere."""
     v2 = "/v2/" in path or path.rstrip("/").endswith("/v2")
-    return JSONResponse({"error": exc.message} if v2 else exc.body(), status_code=exc.status, headers=exc.headers)
+    return ErrorResponse({"error": exc.message} if v2 else exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -131,11 +142,19 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
                                                      code="not_found" if exc.status_code == 404 else None))
 
 
+async def _request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = (exc.errors() or [{}])[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    message = f"{param}: {first.get('msg', 'invalid request')}" if param else "invalid request"
+    return error_response(request.url.path, APIError(400, message, param=param, code="invalid_value"))
+
+
 def install(api: FastAPI) -> FastAPI:
     """Add the request middleware and the error handlers to `api`."""
     api.add_middleware(RequestMiddleware)
     api.add_exception_handler(APIError, _api_error)
     api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(RequestValidationError, _request_error)
     return api
 
 
@@ -176,7 +195,7 @@ class Guard:
     async def read_body(self, request: Request) -> bytes:
         limit = self.max_request_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             raise APIError(413, f"request body of {declared} bytes is over the limit of {limit}",
                            code="request_too_large")
         body = bytearray()

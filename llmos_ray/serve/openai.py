@@ -34,17 +34,13 @@ from llmos_ray.serve.protocol import (
     event_stream,
     model_card,
     new_id,
-    parse_body,
-    read_json,
     sse,
     usage,
     usage_chunk,
 )
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import GenerationRequest, SamplingParams, bad_request
-
-MAX_CHOICES = 64
-"""At most this many completions (prompts x n) per request."""
+from llmos_ray.serve.validation import SEED_RANGE, parse_body, read_json
 
 
 @dataclass
@@ -86,8 +82,6 @@ class _Completions(Endpoint):
         if req.best_of not in (None, req.n):
             raise bad_request("best_of: only best_of == n is supported", "best_of", "unsupported_parameter")
         prompts = _prompts(req.prompt)
-        if len(prompts) * req.n > MAX_CHOICES:
-            raise bad_request(f"prompt: at most {MAX_CHOICES} completions (prompts x n) per request", "prompt")
         if req.stream and len(prompts) * req.n > 1:
             raise bad_request("stream: streaming supports one prompt with n=1", "stream")
         return Plan(inputs=[{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts],
@@ -166,6 +160,7 @@ class OpenAIRoutes:
         req = parse_body(body, endpoint.request_model)
         spec = self.models.get(req.model, ctx)
         plan = endpoint.plan(req)
+        self.models.check_fanout(spec, len(plan.inputs) * plan.n, "prompt" if len(plan.inputs) > 1 else "n")
         params = self.models.sampling_params(req, spec, plan.max_tokens)
         if spec.engine == "vllm":
             return await self._vllm(endpoint, spec, body, plan, ctx)
@@ -259,8 +254,9 @@ def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
 
 
 def _reseed(params: SamplingParams, i: int) -> SamplingParams:
-    """The i-th of n choices: same settings, a different (still reproducible) seed."""
+    """The i-th of n choices: same settings, a different (still reproducible) seed, within the seeds' range."""
     if i == 0 or params.seed is None:
         return params
-    return SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+    low, high = SEED_RANGE
+    return SamplingParams(**{**params.__dict__, "seed": (params.seed + i - low) % (high - low) + low})
 

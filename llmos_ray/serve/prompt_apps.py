@@ -6,22 +6,30 @@
 
 Every app also takes the sampling fields of /v1/chat/completions (max_tokens, temperature, top_p,
 seed, stop). The prompt is rendered as chat messages, so the model's chat template applies.
-`APPS` is the catalogue, `render` turns a request into messages, `run` answers a request.
+`APPS` is the catalogue; each app's body is validated by its own strict request model
+(`App.request_model`: its parameters and the sampling fields; an optional parameter sent as null
+is absent); `render` turns a request into messages, `run` answers a request.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import AfterValidator, BaseModel, Field, create_model
 
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.middleware import RequestContext
-from llmos_ray.serve.protocol import SamplingFields, new_id, read_json, usage, validate
-from llmos_ray.serve.types import APIError, GenerationRequest, bad_request
+from llmos_ray.serve.protocol import SamplingFields, new_id, usage
+from llmos_ray.serve.types import APIError, GenerationRequest
+from llmos_ray.serve.validation import parse_body, shown
+
+MAX_INT_PARAM = 100_000
+"""Largest value of an app's integer parameter (e.g. summarize's max_words)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,17 @@ class App:
                 "parameters": [{"name": p.name, "type": p.type.__name__, "required": p.required,
                                 "default": p.default, "description": p.description,
                                 **({"choices": list(p.choices)} if p.choices else {})} for p in self.params]}
+
+    @functools.cached_property
+    def request_model(self) -> type[BaseModel]:
+        """The strict model of this app's request body: `model`, its parameters, the sampling fields."""
+        fields: dict[str, Any] = {"model": (Optional[str], None)}
+        for p in self.params:
+            kind: Any = (Literal[p.choices] if p.choices else  # type: ignore[valid-type]
+                         Annotated[int, Field(ge=1, le=MAX_INT_PARAM)] if p.type is int else
+                         Annotated[str, AfterValidator(_not_blank)] if p.required else str)
+            fields[p.name] = (kind, ...) if p.required else (Optional[kind], None)
+        return create_model(f"{self.name.title()}AppRequest", __base__=SamplingFields, **fields)
 
 
 APPS: dict[str, App] = {a.name: a for a in [
@@ -82,31 +101,27 @@ def catalog() -> dict[str, Any]:
     return {"object": "list", "data": [a.describe() for a in APPS.values()]}
 
 
-def render(name: str, body: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """(chat messages, sampling defaults) for app `name` and its request body; 400 naming a bad field."""
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def app_named(name: str) -> App:
+    """The app `name`, or APIError 404 naming the apps there are."""
     if name not in APPS:
-        raise APIError(404, f"no app named {name!r}; available: {', '.join(APPS)}", param="app",
+        raise APIError(404, f"no app named {shown(name)}; available: {', '.join(APPS)}", param="app",
                        code="app_not_found")
-    app = APPS[name]
-    values: dict[str, Any] = {}
-    for p in app.params:
-        value = body.get(p.name, p.default)
-        if value is None:
-            if p.required:
-                raise APIError(400, f"{p.name}: field required", param=p.name, code="missing_required_parameter")
-            continue
-        if p.type is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise bad_request(f"{p.name}: must be a positive integer, got {value!r}", p.name)
-        if p.type is str and (not isinstance(value, str) or (p.required and not value.strip())):
-            raise bad_request(f"{p.name}: must be a non-empty string, got {value!r}", p.name)
-        if p.choices and value not in p.choices:
-            raise bad_request(f"{p.name}: must be one of {list(p.choices)}, got {value!r}", p.name)
-        values[p.name] = value
-    if name == "summarize":
+    return APPS[name]
+
+
+def render(app: App, req: BaseModel) -> list[dict[str, str]]:
+    """The chat messages of a validated request to `app` (absent or null parameters take their default)."""
+    values = {p.name: getattr(req, p.name) if getattr(req, p.name) is not None else p.default for p in app.params}
+    if app.name == "summarize":
         values["style"] = " as bullet points" if values.get("style") == "bullets" else ""
-    messages = [{"role": "system", "content": app.system.format(**values)},
-                {"role": "user", "content": app.user.format(**values)}]
-    return messages, {"temperature": app.temperature, "max_tokens": app.max_tokens}
+    return [{"role": "system", "content": app.system.format(**values)},
+            {"role": "user", "content": app.user.format(**values)}]
 
 
 def route_name(request: Request) -> str:
@@ -117,19 +132,19 @@ def route_name(request: Request) -> str:
 
 async def run(models: ServedModels, app: str, body: bytes, ctx: RequestContext) -> Response:
     """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
-    data = read_json(body)
-    messages, defaults = render(app, data)
-    name = data.get("model")
+    spec_app = app_named(app)
+    req = parse_body(body, spec_app.request_model)
+    messages = render(spec_app, req)
+    name = req.model
     if name is None and len(models.specs) == 1:  # one model served: an app needs no name for it
         name = next(iter(models.specs))
     elif name is None:
         raise APIError(400, f"model: field required (served models: {', '.join(models.specs)})", param="model",
                        code="missing_required_parameter")
     spec = models.get(name, ctx)
-    given = {k: v for k, v in data.items() if k in SamplingFields.model_fields}
-    fields = validate({**defaults, **given}, SamplingFields)
-    params = models.sampling_params(fields, spec, fields.max_tokens if "max_tokens" in given else None,
-                                    default=defaults["max_tokens"])
+    if "temperature" not in req.model_fields_set:
+        req = req.model_copy(update={"temperature": spec_app.temperature})
+    params = models.sampling_params(req, spec, req.max_tokens, default=spec_app.max_tokens)
     if models.input_blocked(spec, [m["content"] for m in messages]):
         text, finish, use = "", "content_filter", usage(0, 0)
     else:

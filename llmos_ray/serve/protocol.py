@@ -1,10 +1,8 @@
-"""The HTTP API's shapes: request bodies parsed and validated, OpenAI's request models and response
-dicts, server-sent events.
+"""The HTTP API's shapes: OpenAI's request models and response dicts, server-sent events.
 
-Every route reads its body with `read_json` (one JSON object) and checks it with `validate` (a
-pydantic model), so malformed JSON and bad fields become 400s that name the field, on the OpenAI
-routes, the prompt apps and KServe v2 alike. Unknown fields are ignored, as OpenAI-compatible
-servers do, so newer SDKs keep working.
+The request models are strict (`validation.StrictRequest`): every route parses its body into one
+with `validation.parse_body`, so malformed JSON and bad fields become 400s that name the field.
+Unknown fields are ignored, as OpenAI-compatible servers do, so newer SDKs keep working.
 """
 
 from __future__ import annotations
@@ -12,70 +10,39 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Optional, TypeVar, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field
 
-from llmos_ray.serve.types import APIError
-
-M = TypeVar("M", bound=BaseModel)
+from llmos_ray.serve.validation import LogitBias, Seed, StopSequences, StrictRequest, TokenId
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class StreamOptions(_Request):
+class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
-    """Fields shared by completions, chat and the ready-made apps."""
+class SamplingFields(StrictRequest):
+    """Fields shared by completions, chat, the ready-made apps and KServe v2's parameters."""
 
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
+    """Below sampling.GREEDY_BELOW (0 included): greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    stop: StopSequences = None
+    seed: Optional[Seed] = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: LogitBias = None
     ignore_eos: bool = False
     """Extension (as vLLM): keep generating past the end-of-sequence token."""
     min_tokens: int = Field(0, ge=0)
     """Extension (as vLLM): do not stop before this many tokens."""
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        if v is None:
-            return []
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        if not v:
-            return None
-        out = {}
-        for key, bias in v.items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys are token ids, got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
-            out[key] = bias
-        return out
-
 
 class CompletionRequest(SamplingFields):
     model: str
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -86,12 +53,12 @@ class CompletionRequest(SamplingFields):
     user: Optional[str] = None
 
 
-class TextPart(_Request):
+class TextPart(StrictRequest):
     type: str
     text: Optional[str] = None
 
 
-class ChatMessage(_Request):
+class ChatMessage(StrictRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
@@ -111,40 +78,6 @@ class ChatCompletionRequest(SamplingFields):
     functions: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
     user: Optional[str] = None
-
-
-def read_json(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object, or APIError 400 `invalid_json`. Every route parses its body here."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
-    return data
-
-
-def validate(data: dict[str, Any], model_cls: type[M], prefix: str = "") -> M:
-    """`data` as a `model_cls`, or APIError 400 naming the offending field (`prefix.field` when given)."""
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[")))
-        # A union reports one error per member: name the field, not pydantic's member labels.
-        param = param.split(".list[")[0].split(".str")[0] or None
-        if prefix:
-            param = f"{prefix}.{param}" if param else prefix
-        message = first["msg"]
-        if first["type"] == "missing":
-            message = "field required"
-        raise APIError(400, f"{param}: {message}" if param else message, param=param,
-                       code="missing_required_parameter" if first["type"] == "missing" else "invalid_value") from None
-
-
-def parse_body(raw: bytes, model_cls: type[M]) -> M:
-    """Bytes -> a validated request, or APIError 400 naming the offending field."""
-    return validate(read_json(raw), model_cls)
 
 
 def sse(data: Any) -> str:

@@ -120,3 +120,57 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
     with pytest.raises(APIError, match="out of memory"):
         engine.generate("a", max_tokens=4, temperature=0)
     assert engine.generate("a", max_tokens=4, temperature=0, ignore_eos=True).completion_tokens == 4
+
+
+def drain(chunks: queue.Queue) -> tuple[str, list]:
+    """All chunks of one request: (its text, the chunks)."""
+    got = []
+    while not got or not got[-1].finish_reason:
+        got.append(chunks.get(timeout=60))
+    return "".join(c.text for c in got), got
+
+
+def test_a_poisoned_row_fails_alone_and_the_batch_decodes_on(tiny_model_dir):
+    """Rows that break (a prompt the model cannot embed, a logit_bias outside the logits, NaN
+    biases, a temperature of 1e-30, a consumer that raises) join a batch of healthy greedy streams
+    through the engine's own API (what the HTTP layer refuses is given to it directly): each ends
+    alone or decodes sanely, and the healthy streams equal their unbatched greedy reference."""
+    model, tok = load(tiny_model_dir)
+    eng = Engine(model, tok, name="poison", max_batch_size=8, max_tokens_limit=256)
+    try:
+        healthy = {p: queue.Queue() for p in PROMPTS[:3]}
+        for p, q in healthy.items():
+            ids, sp, stop = eng.prepare(GenerationRequest(SamplingParams(max_tokens=60, temperature=0,
+                                                                         ignore_eos=True), prompt=p))
+            eng.submit(ids, sp, q.put, stop)
+        firsts = {p: q.get(timeout=60) for p, q in healthy.items()}  # the batch is running
+        ids = tok.encode(PROMPTS[3])
+        poison = {name: queue.Queue() for name in ("bad_prompt", "bad_bias", "nan_bias", "tiny_temperature")}
+        broken_sink_calls = []
+
+        def broken_sink(chunk):
+            broken_sink_calls.append(chunk)
+            raise RuntimeError("the client went away")
+
+        eng.submit_many([
+            ([5, eng.vocab_size + 7], SamplingParams(max_tokens=8), poison["bad_prompt"].put, None),
+            (ids, SamplingParams(max_tokens=8, logit_bias={eng.vocab_size + 3: 1.0}), poison["bad_bias"].put, None),
+            (ids, SamplingParams(max_tokens=8, temperature=1.0, seed=3, logit_bias={5: float("nan")}),
+             poison["nan_bias"].put, None),
+            (ids, SamplingParams(max_tokens=8, temperature=1e-30, ignore_eos=True), poison["tiny_temperature"].put,
+             None),
+            (ids, SamplingParams(max_tokens=8), broken_sink, None)])
+        results = {name: drain(q) for name, q in poison.items()}
+        for p, q in healthy.items():
+            text, chunks = drain(q)
+            chunks = [firsts[p]] + chunks
+            assert firsts[p].text + text == greedy(tiny_model_dir, p, max_new_tokens=60, min_new_tokens=60), p
+            assert [c.error for c in chunks if c.error] == [] and chunks[-1].finish_reason == "length"
+            assert max(c.batch_size for c in chunks) >= 6  # shared the batch with the poisoned rows
+    finally:
+        eng.shutdown()
+    assert "prefill failed: IndexError" in results["bad_prompt"][1][-1].error
+    assert "sampling failed: IndexError" in results["bad_bias"][1][-1].error
+    assert results["nan_bias"][1][-1].error is None and results["nan_bias"][1][-1].finish_reason in ("stop", "length")
+    assert results["tiny_temperature"][0] == greedy(tiny_model_dir, PROMPTS[3], max_new_tokens=8, min_new_tokens=8)
+    assert len(broken_sink_calls) == 1  # cancelled at its first chunk
