@@ -11,7 +11,9 @@
 Request ids, API keys, the body limit, request metrics and the error shape are the middleware's
 (`middleware`); routing a request to its model's replicas, retries and safety are
 `dispatch.ServedModels`'. One `Ingress` deployment sits in front of one `replica.ModelServer`
-deployment per model (`build.build_app`).
+deployment per model (`build.build_app`). Every POST route's body is one strict request model,
+parsed by `validation` (`REQUEST_MODELS` lists them: the hostile-input tests fuzz every route
+from it, so a new route belongs there).
 """
 
 from __future__ import annotations
@@ -25,11 +27,22 @@ from ray import serve
 
 from llmos_ray.serve import prompt_apps
 from llmos_ray.serve.dispatch import ServedModels
-from llmos_ray.serve.kserve import KServeRoutes
+from llmos_ray.serve.kserve import GenerateBody, InferBody, KServeRoutes
 from llmos_ray.serve.middleware import Guard, context, install, metered, request_body, resolve_api_keys
 from llmos_ray.serve.openai import CHAT, COMPLETIONS, OpenAIRoutes
 
 log = logging.getLogger(__name__)
+
+REQUEST_MODELS: dict[str, type] = {
+    "/v1/completions": COMPLETIONS.request_model,
+    "/v1/chat/completions": CHAT.request_model,
+    **{f"/v1/apps/{name}": app.request_model for name, app in prompt_apps.APPS.items()},
+    "/v2/models/{name}/infer": InferBody,
+    "/v2/models/{name}/versions/{version}/infer": InferBody,
+    "/v2/models/{name}/generate": GenerateBody,
+    "/v2/models/{name}/generate_stream": GenerateBody,
+}
+"""The request model of the body of every POST route (each prompt app by its own path)."""
 
 api = install(FastAPI(title="llmos-ray", description="OpenAI-compatible and KServe v2 text generation on Ray Serve",
                       version="1"))

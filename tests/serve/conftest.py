@@ -1,10 +1,25 @@
-"""Serve fixtures: a LoRA adapter over the tiny model, and free ports."""
+"""Serve fixtures: a LoRA adapter over the tiny model, free ports, and the package's one Serve app.
+
+`server` (package scope) is one Serve app shared by test_hostile.py and test_http.py, three models
+behind one ingress:
+
+  tiny     the tiny model, served by its registry name; input blocklist ['forbiddenword']
+  lora     a LoRA adapter directory over the tiny model; small limits (max_tokens 16, at most 4
+           running + 4 queued), so that fuzzed requests that happen to be valid stay cheap
+  guarded  the tiny model with room for one running + one queued request, and an output rule
+           that matches any text
+"""
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 
+import httpx
 import pytest
+
+KEY, FILE_KEY, ENV_KEY = "sk-test", "sk-from-file", "sk-from-env"
 
 
 def free_port() -> int:
@@ -26,3 +41,54 @@ def lora_dir(tiny_model_dir, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("lora") / "adapter")
     get_peft_model(model, config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="package")
+def server(ray_session, tiny_model_dir, lora_dir, tmp_path_factory):
+    from ray import serve
+
+    import llmos_ray.serve
+    from llmos_ray import registry
+    from llmos_ray.config import load_config
+
+    tmp = tmp_path_factory.mktemp("serve")
+    reg = str(tmp / "models.json")
+    registry.register("tiny", tiny_model_dir, registry=reg, size="tiny", source_run="fixture")
+    assert [e.name for e in registry.list_models(reg)] == ["tiny"]
+    keys_file = tmp / "keys.txt"
+    keys_file.write_text(f"# one key per line\n{FILE_KEY}\n")
+    os.environ["LLMOS_API_KEYS"] = ENV_KEY
+    port = free_port()
+    cfg = load_config(None, {
+        "registry.uri": reg,
+        "serve.port": port,
+        "serve.models": ["tiny", f"lora={lora_dir}", f"guarded={tiny_model_dir}"],
+        "serve.api_keys": [KEY],
+        "serve.api_keys_file": str(keys_file),
+        "serve.max_request_bytes": 200_000,
+        "serve.max_tokens_limit": 400,
+        "serve.model_options": {
+            "tiny": {"safety_input_blocklist": ["forbiddenword"], "max_batch_size": 8},
+            "lora": {"num_cpus": 0.5, "max_tokens_limit": 16, "max_batch_size": 4, "max_ongoing_requests": 4,
+                     "max_queued_requests": 4},
+            "guarded": {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1, "num_cpus": 0.5,
+                        "safety_output_patterns": [r"[\s\S]"]},
+        },
+    })
+    t0 = time.perf_counter()
+    try:
+        llmos_ray.serve.serve(cfg)
+    finally:
+        del os.environ["LLMOS_API_KEYS"]
+    print(f"serve app ready in {time.perf_counter() - t0:.1f} s")
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+        yield {"url": url, "port": port, "client": client, "registry": reg, "tiny": tiny_model_dir, "lora": lora_dir}
+    serve.shutdown()
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The OpenAI error object of a /v1 error response (asserting its shape)."""
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]

@@ -1,9 +1,5 @@
-"""End to end over real HTTP: one Serve app for the module (three models behind one ingress).
-
-  tiny     the tiny model, served by its registry name; input blocklist ['forbiddenword']
-  lora     a LoRA adapter directory over the tiny model
-  guarded  the tiny model with room for one running + one queued request, and an output rule
-           that matches any text
+"""End to end over real HTTP: the package's one Serve app (`server` in conftest.py: three models
+behind one ingress, shared with test_hostile.py).
 
 Expected texts come from plain `model.generate` (greedy, one prompt at a time) in this process.
 """
@@ -18,69 +14,19 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import free_port
+from tests.serve.conftest import ENV_KEY, FILE_KEY, KEY, error_of
 from tests.serve.reference import greedy
 
 pytestmark = pytest.mark.slow
 
-KEY, FILE_KEY, ENV_KEY = "sk-test", "sk-from-file", "sk-from-env"
 PROMPTS = ["def main():", "import os\nimport sys\n", "The quick brown fox", "class Foo(object):",
            "for i in range(10):", "return None", "# comment", "x = [1, 2, 3]"]
-
-
-@pytest.fixture(scope="module")
-def server(ray_session, tiny_model_dir, lora_dir, tmp_path_factory):
-    from ray import serve
-
-    import llmos_ray.serve
-    from llmos_ray import registry
-    from llmos_ray.config import load_config
-
-    tmp = tmp_path_factory.mktemp("serve")
-    reg = str(tmp / "models.json")
-    registry.register("tiny", tiny_model_dir, registry=reg, size="tiny", source_run="fixture")
-    assert [e.name for e in registry.list_models(reg)] == ["tiny"]
-    keys_file = tmp / "keys.txt"
-    keys_file.write_text(f"# one key per line\n{FILE_KEY}\n")
-    os.environ["LLMOS_API_KEYS"] = ENV_KEY
-    port = free_port()
-    cfg = load_config(None, {
-        "registry.uri": reg,
-        "serve.port": port,
-        "serve.models": ["tiny", f"lora={lora_dir}", f"guarded={tiny_model_dir}"],
-        "serve.api_keys": [KEY],
-        "serve.api_keys_file": str(keys_file),
-        "serve.max_request_bytes": 200_000,
-        "serve.max_tokens_limit": 400,
-        "serve.model_options": {
-            "tiny": {"safety_input_blocklist": ["forbiddenword"], "max_batch_size": 8},
-            "lora": {"num_cpus": 0.5},
-            "guarded": {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1, "num_cpus": 0.5,
-                        "safety_output_patterns": [r"[\s\S]"]},
-        },
-    })
-    t0 = time.perf_counter()
-    try:
-        llmos_ray.serve.serve(cfg)
-    finally:
-        del os.environ["LLMOS_API_KEYS"]
-    print(f"serve app ready in {time.perf_counter() - t0:.1f} s")
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
-        yield {"url": url, "port": port, "client": client, "registry": reg, "tiny": tiny_model_dir, "lora": lora_dir}
-    serve.shutdown()
 
 
 def openai_client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
-
-
-def error_of(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
 
 
 # -- OpenAI API through the official client -----------------------------------------------------
