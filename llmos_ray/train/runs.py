@@ -94,8 +94,24 @@ def checkpoints_of(cfg: Config) -> list[Checkpoint]:
     out = []
     for state in sorted(fs.glob(f"{path}/checkpoint_*/llmos_state.json")):
         with fs.open(state) as f:
-            out.append(Checkpoint(int(json.load(f)["step"]), fs.unstrip_protocol(state.rsplit("/", 1)[0])))
+            uri = fs.unstrip_protocol(state.rsplit("/", 1)[0])
+            out.append(Checkpoint(int(json.load(f)["step"]), uri.removeprefix("file://")))
     return out
+
+
+def last_complete(info: "RunInfo") -> Optional[Checkpoint]:
+    """The newest checkpoint whose every rank's files are there with the sizes written (the one a
+    resume would start from), or None."""
+    from llmos_ray.errors import CheckpointError
+    from llmos_ray.train.checkpoint import validate
+
+    for ckpt in reversed(info.checkpoints):
+        try:
+            validate(ckpt.uri)
+            return ckpt
+        except CheckpointError:
+            continue
+    return None
 
 
 def read_run(cfg: Config) -> RunInfo:
