@@ -26,22 +26,12 @@ def cmd_config_show(args) -> None:
 
     cfg = _load(args).resolved()
     if args.docs:
-        values = _flatten(cfg.to_dict())
+        values = cfg.flat()
         for key, doc in field_docs().items():
             if key in values:
                 print(f"{key} = {values[key]!r}\n    {doc}")
     else:
         print(cfg.to_yaml(), end="")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("overrides", "extra"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def cmd_data_prepare(args) -> None:

@@ -249,8 +249,8 @@ def record_config(cfg: Config) -> None:
     import yaml
 
     with open(path) as f:
-        saved = runs.flat(from_dict(yaml.safe_load(f) or {}).to_dict())
-    now = runs.flat(cfg.to_dict())
+        saved = from_dict(yaml.safe_load(f) or {}).flat()
+    now = cfg.flat()
     changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
     with open(os.path.join(cfg.run.output_dir, "resumes.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.time(), "changed": changed}, default=str) + "\n")
