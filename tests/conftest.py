@@ -27,11 +27,35 @@ FAST = os.environ.get("LLMOS_TEST_FAST") == "1"
 CLUSTER_FIXTURES = {"ray_session", "only_ray_on_this_machine", "s3_server"}
 
 
+OWN_RAY_MODULES = ("tests/cluster/test_local_cluster.py",)
+"""Modules whose fixtures stop the session's Ray to run a cluster of their own (`session_ray_paused`)."""
+
+
+def _own_ray(item) -> bool:
+    return "only_ray_on_this_machine" in getattr(item, "fixturenames", ()) or item.nodeid.startswith(OWN_RAY_MODULES)
+
+
 def pytest_collection_modifyitems(config, items):
-    """A test that needs Ray or the S3 server is slow, whether or not its module says so."""
+    """A test that needs Ray or the S3 server is slow, whether or not its module says so. Tests that
+    stop the session's Ray for a Ray of their own run last (in their order), so it is restarted only
+    when a later test needs it: a restart costs seconds each time."""
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=_own_ray)  # stable: the order within both groups is kept
+    needs_ray = False
+    for item in reversed(items):
+        item.stash[LATER_NEEDS_RAY] = needs_ray
+        needs_ray = needs_ray or "ray_session" in getattr(item, "fixturenames", ())
+
+
+LATER_NEEDS_RAY = pytest.StashKey[bool]()
+_current: list = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    _current[0] = item
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +122,8 @@ def session_ray_paused():
     try:
         yield
     finally:
-        if was_running:
+        item = _current[0]
+        if was_running and (item is None or item.stash.get(LATER_NEEDS_RAY, True)):
             start_session_ray()
 
 

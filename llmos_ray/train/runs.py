@@ -85,18 +85,34 @@ def _read_text(uri: str) -> Optional[str]:
 
 
 def checkpoints_of(cfg: Config) -> list[Checkpoint]:
-    """The run's checkpoints that finished writing (their llmos_state.json exists), oldest first.
+    """The run's checkpoints that finished writing (their llmos_state.json exists) and that Ray Train
+    registered, oldest first: run.resume=auto restores the newest registered one, so a checkpoint that
+    finished writing while the run was being stopped (never registered) is not one to resume from.
     (A checkpoint damaged later is found, and skipped, when a resume validates it.)"""
     import fsspec
 
     root = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     fs, path = fsspec.core.url_to_fs(root)
+    registered = _registered(f"{root}/checkpoint_manager_snapshot.json")
     out = []
     for state in sorted(fs.glob(f"{path}/checkpoint_*/llmos_state.json")):
+        folder = state.rsplit("/", 1)[0]
+        if registered is not None and folder.rsplit("/", 1)[-1] not in registered:
+            continue
         with fs.open(state) as f:
-            uri = fs.unstrip_protocol(state.rsplit("/", 1)[0])
-            out.append(Checkpoint(int(json.load(f)["step"]), uri.removeprefix("file://")))
+            out.append(Checkpoint(int(json.load(f)["step"]), fs.unstrip_protocol(folder).removeprefix("file://")))
     return out
+
+
+def _registered(snapshot_uri: str) -> Optional[set[str]]:
+    """Checkpoint folder names in Ray Train's checkpoint manager snapshot, or None without one (a
+    run Ray Train never checkpointed, or checkpoints written by other means: all count)."""
+    text = _read_text(snapshot_uri)
+    if text is None:
+        return None
+    snapshot = json.loads(text)
+    results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {}]
+    return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
 
 
 def last_complete(info: "RunInfo") -> Optional[Checkpoint]:

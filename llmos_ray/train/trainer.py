@@ -337,12 +337,15 @@ progress_log = logging.getLogger("llmos_ray.progress")
 
 
 def progress_line(m: dict, max_steps: int, eta_s: Optional[float]) -> str:
-    """`step 50/200 | loss 6.1742 | val_loss … | 3,652 tok/s | mfu 49.2% | ETA 5m25s` for a metrics record."""
+    """`step 50/200 | loss 6.1742 | val_loss … | 3,652 tok/s | mfu 49.2% | ETA 5m25s` for a metrics record
+(`step 60/200 | checkpoint saved | ETA …` for a checkpoint's)."""
     parts = [f"step {m['step']}/{max_steps}"]
     for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "val_ppl {:.1f}"),
                      ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
         if m.get(key) is not None:
             parts.append(fmt.format(m[key]))
+    if m.get("checkpoint"):
+        parts.append("checkpoint saved")
     if eta_s is not None and eta_s == eta_s:
         parts.append(f"ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s")
     return " | ".join(parts)

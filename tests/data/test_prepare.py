@@ -25,6 +25,7 @@ def packed(directory: str) -> np.ndarray:
     return np.array([t for r in rows for t in r], dtype=np.int32)
 
 
+@pytest.mark.slow  # the CLI starts its own Ray in a subprocess
 def test_cli_prepare_writes_tokenizer_splits_and_exact_stats(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

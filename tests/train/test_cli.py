@@ -40,35 +40,6 @@ def ray_tmp(only_ray_on_this_machine):
     stop_ray_started_under(path)
 
 
-def test_ctrl_c_names_the_checkpoint_that_resumes(tmp_path, ray_tmp):
-    import signal
-    import time
-
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "llmos_ray.cli", "pretrain", "--config", TINY, f"run.output_dir={out}",
-           "train.max_steps=400", "train.checkpoint_every=2", "train.log_every=2", "data.max_documents=60"]
-    proc = subprocess.Popen(cmd, env=llmos_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 420
-    while not any("checkpoint" in m for m in read_metrics(out)):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
-        time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    hint = next(line for line in err.splitlines() if line.startswith("llmos: interrupted."))
-    # The hint names the newest checkpoint that finished writing: at least the last one the metrics
-    # recorded (a later one may have completed between the SIGINT and Ray Train's abort).
-    import re
-
-    named = re.search(r"The last complete checkpoint of run 'pretrain-tiny' is step (\d+) \((\S+)\)", hint)
-    assert named, hint
-    step, path = int(named.group(1)), named.group(2)
-    assert step >= max(m["step"] for m in read_metrics(out) if "checkpoint" in m) and step % 2 == 0
-    assert os.path.exists(os.path.join(path, "llmos_state.json")), path
-    assert "resumes from it (run.resume=auto)" in hint and "pretrain --config" in hint
-    assert not (out / "export").exists()
-
-
 def assert_command_serves(command: str, ray_tmp: str) -> None:
     """Run a printed `… serve --model DIR` command as a user's shell would, until it answers a request."""
     import shlex
@@ -105,20 +76,53 @@ def read_metrics(out_dir):
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
+def interrupt_after_first_checkpoint(cmd: list[str], out, env: dict) -> str:
+    """Start `cmd`, send SIGINT (Ctrl-C) once a checkpoint is recorded; return the interruption hint."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 420
+    while not any("checkpoint" in m for m in read_metrics(out)):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    return next(line for line in err.splitlines() if line.startswith("llmos: interrupted."))
+
+
 def test_pretrain_cli_as_a_user_runs_it(tmp_path, ray_tmp):
     """`llmos pretrain` in a fresh process with the 2-CPU defaults, beside another Ray on the machine
-    (a `ray start` cluster): it neither hangs nor is disturbed by it; the console holds progress,
-    warnings and the summary, while Ray's chatter is in the run's llmos.log; the printed `next:`
-    command serves the model."""
+    (a `ray start` cluster), as a user runs it: Ctrl-C after the first checkpoint names the newest
+    complete checkpoint and the exact command that resumes; that command, run as printed, neither
+    hangs nor is disturbed by the other Ray, and ends the run; its console holds progress, warnings
+    and the summary, while Ray's chatter is in the run's llmos.log; the printed `next:` command
+    serves the model."""
+    import re
+    import shlex
+
     from llmos_ray import cluster
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "llmos_ray.cli", "pretrain", "--config", TINY, f"run.output_dir={out}",
-           "train.max_steps=20", "train.eval_every=10", "data.max_documents=120"]
+           "train.max_steps=20", "train.eval_every=10", "train.checkpoint_every=4", "data.max_documents=120"]
     other = cluster.up(num_cpus=1, temp_dir=tempfile.mkdtemp(prefix="llo", dir="/tmp"), dashboard_port=0, port=0,
                        metrics_port=0)
     try:
-        proc = subprocess.run(cmd, env=llmos_env(ray_tmp), capture_output=True, text=True, timeout=420)
+        hint = interrupt_after_first_checkpoint(cmd, out, llmos_env(ray_tmp))
+        # The hint names the newest checkpoint that finished writing: at least the last one the metrics
+        # recorded (a later one may have completed between the SIGINT and Ray Train's abort).
+        named = re.search(r"The last complete checkpoint of run 'pretrain-tiny' is step (\d+) \((\S+)\); `(.+)` "
+                          r"resumes from it \(run.resume=auto\)", hint)
+        assert named, hint
+        resumed_from, path, resume_cmd = int(named.group(1)), named.group(2), named.group(3)
+        assert resumed_from >= max(m["step"] for m in read_metrics(out) if "checkpoint" in m)
+        assert resumed_from % 4 == 0 and os.path.exists(os.path.join(path, "llmos_state.json")), path
+        assert not (out / "export").exists()
+        assert "pretrain --config" in resume_cmd and f"run.output_dir={out}" in resume_cmd
+        proc = subprocess.run(shlex.split(resume_cmd), env=llmos_env(ray_tmp), capture_output=True, text=True,
+                              timeout=420)
     finally:
         cluster.down(other)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,14 +133,17 @@ def test_pretrain_cli_as_a_user_runs_it(tmp_path, ray_tmp):
                     "Started a local Ray instance", "Token authentication", "streaming_executor", "PYTHON worker",
                     "Processing zero checkpoint", "it/s]"):
         assert chatter not in console, chatter
-    assert [line.split(" |")[0] for line in proc.stdout.splitlines() if line.startswith("step ")] == [
-        f"step {s}/20" for s in (5, 10, 15, 20)]  # pretrain_tiny.yaml: train.log_every=5
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in progress if "| loss " in line] == [
+        f"step {s}/20" for s in (5, 10, 15, 20) if s > resumed_from]  # pretrain_tiny.yaml: train.log_every=5
+    assert [line.split(" |")[0] for line in progress if "| checkpoint saved" in line] == [
+        f"step {s}/20" for s in (8, 12, 16, 20) if s > resumed_from]
     assert f"log: {out / 'llmos.log'}" in proc.stdout
     next_line = proc.stdout.strip().splitlines()[-1]
     assert next_line.startswith("next: ") and next_line.endswith(f"serve --model {out / 'export'}")
     assert_command_serves(next_line.removeprefix("next: "), ray_tmp)
-    vals = [m["val_ppl"] for m in read_metrics(out) if "val_ppl" in m]
-    assert len(vals) == 2 and vals[1] < vals[0]
+    vals = {m["step"]: m["val_ppl"] for m in read_metrics(out) if "val_ppl" in m}
+    assert sorted(vals) == [10, 20] and vals[20] < vals[10]
     from llmos_ray.config import load_config
 
     assert load_config(str(out / "config.yaml")).train.max_steps == 20

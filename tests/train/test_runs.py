@@ -121,3 +121,19 @@ def test_sparkline():
     assert runs.sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == "▁▂▃▄▅▆▇█"
     assert runs.sparkline([3, 3, 3]) == "▁▁▁"
     assert len(runs.sparkline(list(range(1000)), width=40)) == 40
+
+
+def test_a_checkpoint_ray_train_never_registered_is_not_one_to_resume_from(tmp_path):
+    """Ctrl-C can land after a checkpoint finished writing but before Ray Train registered it; run.resume=auto
+    restores the newest registered one, so that is the one the run (and the interruption hint) names."""
+    cfg = fake_run(tmp_path, step=4, max_steps=20)
+    root = os.path.join(cfg.run.storage_path, cfg.run.name)
+    os.makedirs(os.path.join(root, "checkpoint_00000008"))
+    with open(os.path.join(root, "checkpoint_00000008", "llmos_state.json"), "w") as f:
+        json.dump({"step": 8, "job": "pretrain"}, f)
+    assert [c.step for c in runs.checkpoints_of(cfg)] == [4, 8]  # no snapshot yet: every finished one counts
+    with open(os.path.join(root, "checkpoint_manager_snapshot.json"), "w") as f:
+        json.dump({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000004", "metrics": {"step": 4}}],
+                   "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000004"}}, f)
+    assert [c.step for c in runs.checkpoints_of(cfg)] == [4]
+    assert runs.read_run(cfg).step == 4 and runs.check_run(cfg, "pretrain")[0] == "resumable"
