@@ -73,14 +73,15 @@ class TaskSplits:
 
 def language_id_dataset(languages: Sequence[str] = DEFAULT_LANGUAGES, *, root: str = LOCALE_ROOT,
                         per_label: int = 2000, val_fraction: float = 0.1, max_chars: Optional[int] = 300,
-                        provenance: bool = False) -> TaskSplits:
+                        provenance: bool = False, name_lists: bool = False) -> TaskSplits:
     """Balanced language-identification records `{"text", "label"}` (+ "domain" with `provenance`)
-    from the catalogs under `root`, or from the shipped sample when `root` has none."""
+    from the catalogs under `root`, or from the shipped sample when `root` has none. The
+    iso-codes name lists are left out unless `name_lists` (gettext_catalogs.is_name_list)."""
     labels = _check_labels(languages)
     _check_fraction(val_fraction)
     reading = CatalogLedger()
     if _has_catalogs(root, [lang for lang in labels if lang != "en"]):
-        source, candidates = root, _language_id_candidates(labels, root, reading)
+        source, candidates = root, _language_id_candidates(labels, root, reading, name_lists)
     else:
         source, candidates = _sample(LANGUAGE_ID_SAMPLE, root)
         candidates = ((r["text"], r["label"], r.get("domain", "")) for r in candidates)
@@ -97,18 +98,19 @@ def language_id_dataset(languages: Sequence[str] = DEFAULT_LANGUAGES, *, root: s
 
 def translation_dataset(target_lang: str = "fr", *, root: str = LOCALE_ROOT, val_fraction: float = 0.1,
                         max_chars: Optional[int] = 300, max_pairs: Optional[int] = None, hf_format: bool = False,
-                        provenance: bool = False) -> TaskSplits:
+                        provenance: bool = False, name_lists: bool = False) -> TaskSplits:
     """English -> `target_lang` pairs `{"source", "target"}` (or `{"translation": {"en", target_lang}}`
     with `hf_format`; + "domain" with `provenance`) from the catalogs under `root`, or from the
     shipped en->fr sample when `root` has none. `max_pairs` caps the training pairs (the held-out
-    ones keep their share)."""
+    ones keep their share). The iso-codes name lists are left out unless `name_lists`."""
     _check_fraction(val_fraction)
     if target_lang == "en":
         raise DataError("translation_dataset: target_lang 'en' is the msgids' language; choose another, e.g. 'fr'")
     reading = CatalogLedger()
     if _has_catalogs(root, [target_lang]):
         source = root
-        candidates = ((m.msgid, m.msgstr, m.domain) for m in iter_messages(target_lang, root, reading))
+        messages = iter_messages(target_lang, root, reading, name_lists=name_lists)
+        candidates = ((m.msgid, m.msgstr, m.domain) for m in messages)
     else:
         if target_lang != SAMPLE_TARGET_LANG:
             raise DataError(f"no gettext catalogs under {root!r} and the shipped sample is English -> "
@@ -146,13 +148,14 @@ def write_samples(out_dir: str = SAMPLES_DIR, root: str = LOCALE_ROOT, *, per_la
 # ---------------------------------------------------------------------------------------------
 
 
-def _language_id_candidates(labels: list[str], root: str, reading: CatalogLedger) -> Iterator[tuple[str, str, str]]:
+def _language_id_candidates(labels: list[str], root: str, reading: CatalogLedger,
+                            name_lists: bool) -> Iterator[tuple[str, str, str]]:
     """(text, label, domain): every message's translation under its language, and (when 'en' is a
     label) its msgid under 'en'."""
     for lang in labels:
         if lang == "en":
             continue
-        for m in iter_messages(lang, root, reading):
+        for m in iter_messages(lang, root, reading, name_lists=name_lists):
             yield m.msgstr, lang, m.domain
             if "en" in labels:
                 yield m.msgid, "en", m.domain

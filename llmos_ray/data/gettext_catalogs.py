@@ -42,7 +42,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Collection, Iterable, Iterator, NamedTuple, Optional
 
 LOCALE_ROOT = "/usr/share/locale"
 MNEMONIC_SHARE = 0.02
@@ -54,6 +54,7 @@ _PRINTF = (r"%(?:\d+\$)?(?:\([^()\s]*\))?[-+#0']*(?:\d+|\*(?:\d+\$)?)?(?:\.(?:\d
 FORMAT_RE = re.compile(rf"{_PRINTF}|%<PRI\w+>|%L?\d+|\{{[^{{}}\s]*\}}")
 # One pass finds format specifiers (kept whole), escapes, entities and candidate markers, left to right.
 _TOKENS = re.compile(rf"(?P<fmt>{FORMAT_RE.pattern})|(?P<esc>__|&&)|(?P<entity>&#?\w+;)|(?P<mark>[_&])")
+_NAME_LIST = re.compile(r"iso_\d")
 _IDENTIFIER = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")  # a whole message like 'file_name'
 _WORD_START_BEFORE = frozenset(" \t\n\xa0\"'([/«“‘<")
 
@@ -106,11 +107,19 @@ def read_catalog(path: str) -> gettext.GNUTranslations:
 
 
 def iter_messages(lang: str, root: str = LOCALE_ROOT, ledger: Optional[CatalogLedger] = None,
-                  clean: bool = True) -> Iterator[Message]:
-    """The messages of every catalog of `lang` under `root`, files in name order, entries in the
-    catalog's order; counted in `ledger` (see the module docstring)."""
+                  clean: bool = True, domains: Optional[Collection[str]] = None,
+                  name_lists: bool = True) -> Iterator[Message]:
+    """The messages of every catalog of `lang` under `root` (or of those named in `domains`),
+    files in name order, entries in the catalog's order; counted in `ledger` (module docstring).
+    `name_lists=False` skips the iso-codes catalogs (counted as `name_list_files_skipped`)."""
     ledger = ledger if ledger is not None else CatalogLedger()
     for path in catalog_files(lang, root):
+        domain = os.path.basename(path)[:-3]
+        if domains is not None and domain not in domains:
+            continue
+        if not name_lists and is_name_list(domain):
+            ledger.add("name_list_files_skipped")
+            continue
         ledger.add("files")
         try:
             catalog = read_catalog(path)
@@ -120,6 +129,14 @@ def iter_messages(lang: str, root: str = LOCALE_ROOT, ledger: Optional[CatalogLe
             continue
         ledger.add("files_read")
         yield from _catalog_messages(lang, os.path.basename(path)[:-3], catalog, ledger, clean)
+
+
+def is_name_list(domain: str) -> bool:
+    """Whether a catalog is one of the iso-codes package's lists of names (iso_639-3: languages,
+    iso_3166-2: regions, iso_4217: currencies, iso_15924: scripts …): proper nouns, mostly copied
+    or barely changed ("Grebo, Barclayville" -> "grebo, Barclayville"); a quarter of the French
+    messages on this machine, and poor evidence of a language."""
+    return _NAME_LIST.match(domain) is not None
 
 
 def _catalog_messages(lang: str, domain: str, catalog: gettext.GNUTranslations, ledger: CatalogLedger,
