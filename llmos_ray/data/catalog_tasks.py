@@ -259,10 +259,8 @@ def _pair(row: tuple, target_lang: str, hf_format: bool, provenance: bool) -> di
 
 def _check_labels(languages: Sequence[str]) -> list[str]:
     labels = list(dict.fromkeys(languages))
-    if len(labels) < 2:
+    if len(labels) < 2:  # so one of them is not 'en' (whose text is the other catalogs' msgids)
         raise DataError(f"language identification needs at least 2 languages, got {list(languages)}")
-    if labels == ["en"] or all(lang == "en" for lang in labels):
-        raise DataError("language identification needs a language besides 'en' (its catalogs hold the msgids)")
     return labels
 
 
