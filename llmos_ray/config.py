@@ -109,9 +109,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["gpt2", "llama"] = "gpt2"
+    family: Literal["gpt2", "llama", "bert", "t5"] = "gpt2"
     """Architecture family of a preset."""
-    size: Literal["tiny", "small", "125m", "350m", "1b", "7b"] = "small"
+    size: Literal["tiny", "small", "medium", "base", "125m", "350m", "1b", "7b"] = "small"
     """Preset size (see llmos_ray.models.PRESETS)."""
     base: Optional[str] = None
     """Start from this Hugging Face directory, export or hub id instead of a fresh preset."""
