@@ -133,21 +133,55 @@ def pretraining_model_class(family: str):
     return getattr(transformers, name)
 
 
+TASK_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+                "classification": "AutoModelForSequenceClassification", "seq2seq": "AutoModelForSeq2SeqLM"}
+"""The transformers Auto class of each kind of model (what `model_task` tells from a config)."""
+
+
+def model_task(config) -> str:
+    """What a model does, from its transformers config's `architectures` (written by save_pretrained,
+    and by our trainer into every checkpoint): 'classification' (…ForSequenceClassification),
+    'masked_lm' (…ForMaskedLM), 'seq2seq' (…ForConditionalGeneration of an encoder-decoder) or
+    'causal_lm' (everything else, and configs that name no architecture). `config` may also be
+    the dict of a config.json."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    for name in get("architectures") or []:
+        if name.endswith("ForSequenceClassification"):
+            return "classification"
+        if name.endswith("ForMaskedLM"):
+            return "masked_lm"
+        if name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) and get("is_encoder_decoder", False):
+            return "seq2seq"
+    return "causal_lm"
+
+
+def auto_class(task: str):
+    """The transformers Auto class that builds or loads a model of `task` (TASK_CLASSES)."""
+    import transformers
+
+    if task not in TASK_CLASSES:
+        raise ModelError(f"unknown model task {task!r}; expected one of {sorted(TASK_CLASSES)}")
+    return getattr(transformers, TASK_CLASSES[task])
+
+
 def is_local_model(path: str) -> bool:
     return os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
 
 
-def load_pretrained(name_or_path: str, trust_remote_code: bool = False, **kwargs):
-    """Load a causal LM from a local Hugging Face directory (our export included) or a hub id."""
-    from transformers import AutoModelForCausalLM
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, task: Optional[str] = None, **kwargs):
+    """Load a model from a local Hugging Face directory (our export included) or a hub id, with the
+    Auto class of `task` (default: what its config's architectures say, `model_task`: a causal LM,
+    a sequence classifier, a masked LM ...)."""
+    from transformers import AutoConfig
 
     local = is_local_model(name_or_path)
     if not local and (os.path.sep in name_or_path.strip("/") and os.path.exists(os.path.dirname(name_or_path))):
         raise ModelError(f"model directory {name_or_path!r} has no config.json: is it a Hugging Face export?")
+    where = os.path.expanduser(name_or_path) if local else name_or_path
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(name_or_path) if local else name_or_path,
-            trust_remote_code=trust_remote_code, **kwargs)
+        if task is None:
+            task = model_task(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code))
+        return auto_class(task).from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:
         raise ModelError(
             f"cannot load model {name_or_path!r}: not a local Hugging Face directory and not reachable on the "

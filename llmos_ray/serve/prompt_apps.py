@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from llmos_ray.serve.classify import require_generative
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import SamplingFields, new_id, read_json, usage, validate
@@ -126,6 +127,7 @@ async def run(models: ServedModels, app: str, body: bytes, ctx: RequestContext) 
         raise APIError(400, f"model: field required (served models: {', '.join(models.specs)})", param="model",
                        code="missing_required_parameter")
     spec = models.get(name, ctx)
+    require_generative(spec)
     given = {k: v for k, v in data.items() if k in SamplingFields.model_fields}
     fields = validate({**defaults, **given}, SamplingFields)
     params = models.sampling_params(fields, spec, fields.max_tokens if "max_tokens" in given else None,
