@@ -69,14 +69,14 @@ def test_listing_errors_name_the_path(tmp_path):
         list_sources([str(tmp_path / "nothing-*")])
     with pytest.raises(DataError, match="does not exist"):
         list_sources([str(tmp_path / "missing.txt")])
-    write(tmp_path / "data.csv", b"a,b\n")
-    with pytest.raises(DataError, match="cannot infer the format of .*data.csv.*data.format"):
-        list_sources([str(tmp_path / "data.csv")])
-    assert list_sources([str(tmp_path / "data.csv")], "txt") == [f"{tmp_path.as_uri()}/data.csv"]
+    write(tmp_path / "data.xml", b"<a/>\n")  # .csv is a format now (classification records)
+    with pytest.raises(DataError, match="cannot infer the format of .*data.xml.*data.format"):
+        list_sources([str(tmp_path / "data.xml")])
+    assert list_sources([str(tmp_path / "data.xml")], "txt") == [f"{tmp_path.as_uri()}/data.xml"]
     with pytest.raises(DataError, match="no corpus files .* under"):
         list_sources([str(tmp_path)])
-    with pytest.raises(DataError, match="data.format='csv'"):
-        list_sources([str(tmp_path)], "csv")
+    with pytest.raises(DataError, match="data.format='xml'"):
+        list_sources([str(tmp_path)], "xml")
 
 
 def test_memory_filesystem(tmp_path):

@@ -31,7 +31,8 @@ def server(ray_session, classifier_run, tiny_model_dir, tmp_path_factory):
     entry = registry.register("lang-id", classifier_run.export_dir, registry=reg)
     assert entry.task == "classification" and entry.family == "bert"
     port = free_port()
-    cfg = load_config(None, {"registry.uri": reg, "serve.port": port, "serve.models": ["lang-id", f"lm={tiny_model_dir}"],
+    models = ["lang-id", f"lm={tiny_model_dir}"]
+    cfg = load_config(None, {"registry.uri": reg, "serve.port": port, "serve.models": models,
                              "serve.model_options": {"lang-id": {"num_cpus": 0.5, "max_batch_size": 4},
                                                      "lm": {"num_cpus": 0.5}}})
     t0 = time.perf_counter()
