@@ -146,7 +146,7 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
     return out
 
 
-CLASSIFIER_STEPS = 40
+CLASSIFIER_STEPS = 80
 
 
 def classifier_overrides(out_dir, name: str, *more: str) -> list[str]:
@@ -159,14 +159,14 @@ def classifier_overrides(out_dir, name: str, *more: str) -> list[str]:
     return [f"run.name={name}", f"run.output_dir={pathlib.Path(out_dir) / name}", "run.wandb=disabled",
             "finetune.task=classification", f"finetune.locale_root={empty}", "model.size=tiny",
             "data.vocab_size=1000", "data.seq_len=64", "train.num_workers=2", "train.micro_batch_size=16",
-            "train.global_batch_size=32", f"train.max_steps={CLASSIFIER_STEPS}", "train.lr=3e-3",
+            "train.global_batch_size=32", f"train.max_steps={CLASSIFIER_STEPS}", "train.lr=5e-3",
             "train.warmup_steps=4", "train.log_every=2", f"train.eval_every={CLASSIFIER_STEPS // 2}",
             "train.eval_batches=2", f"train.checkpoint_every={CLASSIFIER_STEPS // 2}", "train.num_to_keep=null", *more]
 
 
 @pytest.fixture(scope="session")
 def classifier_run(ray_session, tmp_path_factory):
-    """The session's one fine-tuned classifier (ZeRO-2, 2 workers; checkpoints at steps 20 and 40):
+    """The session's one fine-tuned classifier (ZeRO-2, 2 workers; checkpoints at steps 40 and 80):
     its TrainResult. Shared by the training, evaluation and serving tests."""
     from llmos_ray.config import load_config
     from llmos_ray.train.finetune import finetune
