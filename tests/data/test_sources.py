@@ -226,5 +226,5 @@ def test_fine_tuning_records_are_read_by_the_corpus_readers(tmp_path, monkeypatc
     with pytest.raises(DataError, match="finetune.paths: .*missing.jsonl.* does not exist"):
         list(read_sft_records([str(tmp_path / "missing.jsonl")]))
     write(tmp_path / "notes.txt", b"plain text")
-    with pytest.raises(DataError, match="notes.txt is txt; fine-tuning records are JSONL, JSON or parquet"):
+    with pytest.raises(DataError, match="notes.txt is txt; fine-tuning records are JSONL, JSON, parquet or CSV"):
         list(read_sft_records([str(tmp_path / "notes.txt")]))
