@@ -2,7 +2,7 @@
 
 One classifier is fine-tuned per session (tests/conftest.py `classifier_run`: bert-tiny from
 scratch on the embedded language-ID set's shipped sample, ZeRO-2, 2 workers); a second run
-resumes its step-40 checkpoint under ZeRO-3 on one worker (the same global batch), so the second
+resumes its step-40 checkpoint on one worker (the same global batch), so the second
 half of its loss curve must be the first run's. Beating the majority class: the held-out split
 has 5 records of each of 8 languages (majority 0.125); the bar of 0.4 is well below what 80 steps
 reach (0.6-0.7 in a plain torch loop of the same model, data and schedule, 2026-12-02) and far above chance.
@@ -63,8 +63,8 @@ def test_classifier_learns_exports_with_its_labels_and_works_in_pipelines(classi
     assert stats["source"]["source"].startswith("sample:")
 
 
-def test_zero3_resume_on_one_worker_continues_the_same_loss(classifier_run, tmp_path):
-    """Step 40 of the ZeRO-2 run, resumed under ZeRO-3 on one worker (universal checkpoint, same
+def test_resume_on_one_worker_continues_the_same_loss(classifier_run, tmp_path):
+    """Step 40 of the 2-worker ZeRO-2 run, resumed on one worker (universal checkpoint, same
     global batch of 32): steps 41-80 repeat the uninterrupted run's losses."""
     from llmos_ray.train.finetune import finetune
     from llmos_ray.train.runs import checkpoints_of
@@ -72,7 +72,7 @@ def test_zero3_resume_on_one_worker_continues_the_same_loss(classifier_run, tmp_
     first = classifier_run
     ckpts = checkpoints_of(load_config(os.path.join(first.output_dir, "config.yaml")))
     start = next(c.uri for c in ckpts if c.step == CLASSIFIER_STEPS // 2)
-    cfg = load_config(None, classifier_overrides(tmp_path, "resumed", "deepspeed.zero_stage=3", "train.num_workers=1",
+    cfg = load_config(None, classifier_overrides(tmp_path, "resumed", "train.num_workers=1",
                                                  f"run.resume={start}"))
     resumed = finetune(cfg)
     before = {h["step"]: h["loss"] for h in first.history if "loss" in h}
