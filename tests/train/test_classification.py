@@ -96,7 +96,7 @@ def test_bert_pretraining_masked_lm_loss_falls_and_the_export_fills_masks(ray_se
         "train.checkpoint_every=30"])
     result = pretrain(cfg)
     losses = [h["loss"] for h in result.history if "loss" in h]
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < losses[0] - 0.4  # from about ln(1000) = 6.9 towards the tokens' unigram entropy in 30 steps
     vals = [h["val_loss"] for h in result.history if "val_loss" in h]
     assert len(vals) == 2 and vals[1] < vals[0]  # validation masks are the same at both evaluations
     model = AutoModelForMaskedLM.from_pretrained(result.export_dir)
