@@ -348,7 +348,8 @@ def progress_line(m: dict, max_steps: int, eta_s: Optional[float]) -> str:
     """`step 50/200 | loss 6.1742 | val_loss … | 3,652 tok/s | mfu 49.2% | ETA 5m25s` for a metrics record."""
     parts = [f"step {m['step']}/{max_steps}"]
     for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "val_ppl {:.1f}"),
-                     ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
+                     ("tokens_per_s", "{:,.0f} tok/s"), ("examples_per_s", "{:,.1f} examples/s"),
+                     ("mfu", "mfu {:.1%}")):
         if m.get(key) is not None:
             parts.append(fmt.format(m[key]))
     if eta_s is not None and eta_s == eta_s:

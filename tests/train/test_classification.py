@@ -47,6 +47,8 @@ def test_classifier_learns_exports_with_its_labels_and_works_in_pipelines(classi
     result = classifier_run
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert losses[-1] < 0.5 * losses[0]
+    # examples/s, not tokens/s or MFU: micro-batches are cut to their longest example, not seq_len
+    assert all(h.get("mfu") is None and h["examples_per_s"] > 0 for h in result.history if "loss" in h)
     vals = [h["val_loss"] for h in result.history if "val_loss" in h]
     assert len(vals) == 2 and vals[1] < vals[0] and "val_ppl" not in result.history[-1]
     config = AutoConfig.from_pretrained(result.export_dir)
