@@ -211,12 +211,12 @@ def cmd_models(args) -> None:
         if not entries:
             print(f"no models in {registry.registry_uri(uri)}; add one: {command()} models register NAME DIR")
             return
-        print(f"{'name':24} {'family':10} {'size':6} {'params':>7}  {'registered':25} uri")
+        print(f"{'name':24} {'family':10} {'task':14} {'size':6} {'params':>7}  {'registered':25} uri")
         for e in entries:
             evals = ", ".join(f"{k}={v}" for k, v in e.eval.items())
             params = registry.human_count(registry.parameter_count(e.uri))
-            print(f"{e.name:24} {e.family or '-':10} {e.size or '-':6} {params:>7}  {e.created:25} {e.uri}"
-                  + (f"  [{evals}]" if evals else ""))
+            print(f"{e.name:24} {e.family or '-':10} {e.task or 'causal_lm':14} {e.size or '-':6} {params:>7}  "
+                  f"{e.created:25} {e.uri}" + (f"  [{evals}]" if evals else ""))
     elif args.action == "register":
         from llmos_ray.errors import ConfigError
 
@@ -226,7 +226,7 @@ def cmd_models(args) -> None:
         except json.JSONDecodeError as e:
             raise ConfigError(f"--eval and --meta take JSON objects: {e}") from None
         e = registry.register(args.name, args.uri, family=args.family, size=args.size, source_run=args.source_run,
-                              eval=evals, overwrite=args.overwrite, registry=uri, **meta)
+                              eval=evals, overwrite=args.overwrite, registry=uri, task=args.task, **meta)
         print(f"registered {e.name} -> {e.uri} in {registry.registry_uri(uri)}\n"
               f"serve it: {command()} serve --model {e.name}")
     elif args.action == "remove":
@@ -350,6 +350,8 @@ def _models_parser(sub) -> None:
         if action == "register":
             m.add_argument("uri", help="export or adapter directory, or an fsspec URI (s3://...)")
             m.add_argument("--family")
+            m.add_argument("--task", choices=["causal_lm", "classification", "masked_lm", "seq2seq"],
+                           help="what the model does (default: read from its config.json)")
             m.add_argument("--size")
             m.add_argument("--source-run")
             m.add_argument("--eval", help="evaluation results as JSON, e.g. '{\"perplexity\": 41.2}'")

@@ -64,8 +64,8 @@ class DataConfig:
     """Corpus files, directories or globs (local, file://, s3://, gs://, memory://); empty = embedded default."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options per protocol for corpus paths, e.g. {s3: {endpoint_url: "http://localhost:9000"}}."""
-    format: Literal["auto", "txt", "jsonl", "json", "parquet", "hf"] = "auto"
-    """File format; 'auto' infers it from the extension (.txt, .jsonl/.json, .parquet, HF datasets dir)."""
+    format: Literal["auto", "txt", "jsonl", "json", "parquet", "csv", "hf"] = "auto"
+    """File format; 'auto' infers it from the extension (.txt, .jsonl/.json, .parquet, .csv, HF datasets dir)."""
     text_field: str = "text"
     """Field (JSONL) or column (parquet, HF datasets) holding the document text."""
     txt_mode: Literal["file", "line"] = "file"
@@ -80,6 +80,10 @@ class DataConfig:
     """Use at most this many documents (in corpus order); None = all."""
     hf_split: str = "train"
     """Split to read from a Hugging Face hub dataset or DatasetDict directory."""
+    mask_probability: float = 0.15
+    """Masked-LM pretraining (bert): share of tokens selected for prediction (80% [MASK], 10% random, 10% kept)."""
+    whole_word_masking: bool = False
+    """Masked-LM pretraining: select whole words (all tokens of a word together) instead of single tokens."""
     tokenizer: Optional[str] = None
     """Existing tokenizer directory or hub name; None = train a byte-level BPE on the corpus."""
     vocab_size: int = 8192
@@ -105,13 +109,15 @@ class DataConfig:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.max_documents is not None and self.max_documents < 1:
             raise ConfigError(f"data.max_documents must be >= 1 or null, got {self.max_documents}")
+        if not 0 < self.mask_probability < 1:
+            raise ConfigError(f"data.mask_probability must be in (0, 1), got {self.mask_probability}")
 
 
 @dataclass
 class ModelConfig:
-    family: Literal["gpt2", "llama"] = "gpt2"
-    """Architecture family of a preset."""
-    size: Literal["tiny", "small", "125m", "350m", "1b", "7b"] = "small"
+    family: Optional[Literal["gpt2", "llama", "bert", "t5"]] = None
+    """Architecture family of a preset; None = the job's: bert for finetune.task=classification, else gpt2."""
+    size: Literal["tiny", "small", "medium", "base", "125m", "350m", "1b", "7b"] = "small"
     """Preset size (see llmos_ray.models.PRESETS)."""
     base: Optional[str] = None
     """Start from this Hugging Face directory, export or hub id instead of a fresh preset."""
@@ -200,10 +206,22 @@ class DeepSpeedConfig:
 
 @dataclass
 class FinetuneConfig:
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    """What fine-tuning trains: 'causal_lm' (instructions, chat) or 'classification' ({text, label} records)."""
     paths: list[str] = field(default_factory=list)
-    """Instruction data (JSONL or parquet; fsspec URIs); empty = the embedded default set."""
+    """Training records (JSONL, parquet or CSV; fsspec URIs); empty = the task's embedded default set."""
     format: Literal["auto", "prompt_completion", "alpaca", "chat"] = "auto"
-    """Record format; 'auto' detects it per record."""
+    """Record format of causal_lm records; 'auto' detects it per record."""
+    multi_label: bool = False
+    """Classification: records carry `labels: [...]` (any number per text), trained with binary cross-entropy."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """Classification: 'balanced' weights each label's loss by n / (labels * count) in the training split."""
+    languages: list[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it", "pt_BR", "ru", "zh_CN"])
+    """Classification with no paths: the labels of the embedded language-ID set (gettext catalog languages)."""
+    examples_per_label: int = 2000
+    """Classification with no paths: training records per language of the embedded set (held out: 1/9 more)."""
+    locale_root: str = "/usr/share/locale"
+    """Where the embedded sets read gettext catalogs; a directory with none gives the shipped samples."""
     lora: bool = False
     """Train LoRA adapters (peft) instead of all weights."""
     lora_r: int = 8
@@ -216,6 +234,11 @@ class FinetuneConfig:
     """Modules that get adapters; empty = the family's attention projections."""
     merge_lora: bool = True
     """Export merged weights (True) or the adapter alone (False)."""
+
+    def validate(self) -> None:
+        _positive("finetune", self, "examples_per_label")
+        if self.multi_label and self.task != "classification":
+            raise ConfigError("finetune.multi_label needs finetune.task=classification")
 
 
 @dataclass
@@ -236,6 +259,9 @@ class EvalConfig:
     """Held-out text for perplexity, read like data.paths; empty = the validation documents of the data section."""
     task_paths: list[str] = field(default_factory=list)
     """JSONL files of {prompt, reference} scored with BLEU and ROUGE; each file is a task named after it."""
+    classification_paths: list[str] = field(default_factory=list)
+    """Labelled {text, label} records (JSONL, parquet, CSV) for classifiers; empty = the held-out split they trained
+    beside."""
     max_new_tokens: int = 64
     """Tokens generated per task prompt."""
     batch_size: int = 8
@@ -440,8 +466,12 @@ class Config:
         """A copy with what depends on the job filled in — run name (DEFAULT_RUN_NAMES), output_dir,
         storage_path, local model paths made absolute — and checked."""
         cfg = copy.deepcopy(self)
+        if cfg.model.family is None:
+            cfg.model.family = "bert" if job == "finetune" and cfg.finetune.task == "classification" else "gpt2"
         if cfg.run.name is None:
-            cfg.run.name = DEFAULT_RUN_NAMES.get(job, job)
+            # a fine-tuning task other than causal_lm runs in its own directory (runs/classification)
+            task = cfg.finetune.task if job == "finetune" and cfg.finetune.task != "causal_lm" else None
+            cfg.run.name = task or DEFAULT_RUN_NAMES.get(job, job)
         if cfg.run.output_dir is None:
             cfg.run.output_dir = os.path.join("runs", cfg.run.name)
         if "://" not in cfg.run.output_dir:

@@ -1,7 +1,18 @@
 """Model presets (one table), Hugging Face loading, parameter counts and FLOPs per token.
 
-Every family has every size, from `tiny` (tests, < 1M parameters) to `7b`; the shapes of the
-large ones follow the public models they are named after (GPT-2, Llama 3.2 1B, Llama 2 7B).
+Decoder families (gpt2, llama) have every size from `tiny` (tests, < 1M parameters) to `7b`; the
+shapes of the large ones follow the public models they are named after (GPT-2, Llama 3.2 1B,
+Llama 2 7B). The encoder family `bert` (masked LM) and the encoder-decoder family `t5` (span
+corruption) go from `tiny` to `base`, the shapes of BERT-base and T5 v1.1-base; their `medium` is
+BERT-medium (Turc et al. 2019) and T5 v1.1-small (named `medium` because our `small` is the CPU size).
+
+T5 presets are v1.1 in their feed-forward (gated GELU, d_ff 2048 at base), dropout off for
+pretraining (as v1.1), relative position buckets (32, max distance 128), and a head that shares
+the input embedding: transformers >= 5 always ties T5's head in a model built from a config (its
+T5Config forces tie_word_embeddings=True, PR #42815) and resize_token_embeddings re-ties one
+untied by hand, so an untied v1.1 head cannot be kept; the tied head scales the decoder output by
+d_model**-0.5 (T5 1.0's rule for a tied head). T5 v1.1-base's published 247.6M parameters include
+its separate 24.7M head; our t5 base has 223M.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ class Shape:
     """Key/value heads (grouped-query attention, llama); None = n_head."""
     d_ff: Optional[int] = None
     """MLP hidden size; None = 4 * d_model (gpt2) or the llama rule (8/3 d rounded to 64)."""
+    head_dim: Optional[int] = None
+    """Size of one attention head (t5's d_kv); None = d_model / n_head."""
 
 
 PRESETS: dict[str, dict[str, Shape]] = {
@@ -46,7 +59,21 @@ PRESETS: dict[str, dict[str, Shape]] = {
         "1b": Shape(16, 2048, 32, 4096, n_kv_head=8, d_ff=8192),
         "7b": Shape(32, 4096, 32, 4096, d_ff=11008),
     },
+    "bert": {
+        "tiny": Shape(2, 64, 2, 512, d_ff=256),
+        "small": Shape(4, 256, 4, 512, d_ff=1024),
+        "medium": Shape(8, 512, 8, 512, d_ff=2048),
+        "base": Shape(12, 768, 12, 512, d_ff=3072),
+    },
+    "t5": {  # n_layer blocks in the encoder and as many in the decoder
+        "tiny": Shape(2, 64, 2, 512, d_ff=192, head_dim=32),
+        "small": Shape(4, 256, 4, 512, d_ff=704, head_dim=64),
+        "medium": Shape(8, 512, 6, 512, d_ff=1024, head_dim=64),
+        "base": Shape(12, 768, 12, 512, d_ff=2048, head_dim=64),
+    },
 }
+OBJECTIVES = {"gpt2": "causal_lm", "llama": "causal_lm", "bert": "masked_lm", "t5": "span_corruption"}
+"""The pretraining objective of each family (what `pretraining_model_class` builds)."""
 
 
 def _llama_ff(d_model: int) -> int:
@@ -56,7 +83,7 @@ def _llama_ff(d_model: int) -> int:
 def preset_config(family: str, size: str, vocab_size: int, seq_len: int, bos_id: int = 0,
                   eos_id: int = 0, pad_id: Optional[int] = None, overrides: Optional[dict] = None):
     """The transformers config of a preset, sized for `vocab_size` and at least `seq_len` positions."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
 
     if family not in PRESETS:
         raise ModelError(f"model.family {family!r} is unknown; choose one of {sorted(PRESETS)}")
@@ -70,6 +97,17 @@ def preset_config(family: str, size: str, vocab_size: int, seq_len: int, bos_id:
         config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=s.d_model, n_layer=s.n_layer,
                             n_head=s.n_head, n_inner=s.d_ff, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             **special)
+    elif family == "bert":
+        config = BertConfig(vocab_size=vocab_size, hidden_size=s.d_model, num_hidden_layers=s.n_layer,
+                            num_attention_heads=s.n_head, intermediate_size=s.d_ff, max_position_embeddings=positions,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **special)
+    elif family == "t5":
+        # n_positions is not a T5 weight (positions are relative): it tells context_length() what the preset is for.
+        config = T5Config(vocab_size=vocab_size, d_model=s.d_model, d_kv=s.head_dim, d_ff=s.d_ff,
+                          num_layers=s.n_layer, num_decoder_layers=s.n_layer, num_heads=s.n_head,
+                          relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+                          feed_forward_proj="gated-gelu", n_positions=positions,
+                          decoder_start_token_id=pad_id if pad_id is not None else bos_id, **special)
     else:
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=s.d_model, num_hidden_layers=s.n_layer,
                              num_attention_heads=s.n_head, num_key_value_heads=s.n_kv_head or s.n_head,
@@ -82,21 +120,68 @@ def preset_config(family: str, size: str, vocab_size: int, seq_len: int, bos_id:
     return config
 
 
+def pretraining_model_class(family: str):
+    """The transformers Auto class that builds a family's pretraining model (also takes a config's
+    model_type): AutoModelForCausalLM, AutoModelForMaskedLM (bert) or AutoModelForSeq2SeqLM (t5)."""
+    import transformers
+
+    objective = OBJECTIVES.get(family)
+    if objective is None:
+        raise ModelError(f"model.family {family!r} is unknown; choose one of {sorted(OBJECTIVES)}")
+    name = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+            "span_corruption": "AutoModelForSeq2SeqLM"}[objective]
+    return getattr(transformers, name)
+
+
+TASK_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+                "classification": "AutoModelForSequenceClassification", "seq2seq": "AutoModelForSeq2SeqLM"}
+"""The transformers Auto class of each kind of model (what `model_task` tells from a config)."""
+
+
+def model_task(config) -> str:
+    """What a model does, from its transformers config's `architectures` (written by save_pretrained,
+    and by our trainer into every checkpoint): 'classification' (…ForSequenceClassification),
+    'masked_lm' (…ForMaskedLM), 'seq2seq' (…ForConditionalGeneration of an encoder-decoder) or
+    'causal_lm' (everything else, and configs that name no architecture). `config` may also be
+    the dict of a config.json."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    for name in get("architectures") or []:
+        if name.endswith("ForSequenceClassification"):
+            return "classification"
+        if name.endswith("ForMaskedLM"):
+            return "masked_lm"
+        if name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) and get("is_encoder_decoder", False):
+            return "seq2seq"
+    return "causal_lm"
+
+
+def auto_class(task: str):
+    """The transformers Auto class that builds or loads a model of `task` (TASK_CLASSES)."""
+    import transformers
+
+    if task not in TASK_CLASSES:
+        raise ModelError(f"unknown model task {task!r}; expected one of {sorted(TASK_CLASSES)}")
+    return getattr(transformers, TASK_CLASSES[task])
+
+
 def is_local_model(path: str) -> bool:
     return os.path.isfile(os.path.join(os.path.expanduser(path), "config.json"))
 
 
-def load_pretrained(name_or_path: str, trust_remote_code: bool = False, **kwargs):
-    """Load a causal LM from a local Hugging Face directory (our export included) or a hub id."""
-    from transformers import AutoModelForCausalLM
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, task: Optional[str] = None, **kwargs):
+    """Load a model from a local Hugging Face directory (our export included) or a hub id, with the
+    Auto class of `task` (default: what its config's architectures say, `model_task`: a causal LM,
+    a sequence classifier, a masked LM ...)."""
+    from transformers import AutoConfig
 
     local = is_local_model(name_or_path)
     if not local and (os.path.sep in name_or_path.strip("/") and os.path.exists(os.path.dirname(name_or_path))):
         raise ModelError(f"model directory {name_or_path!r} has no config.json: is it a Hugging Face export?")
+    where = os.path.expanduser(name_or_path) if local else name_or_path
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(name_or_path) if local else name_or_path,
-            trust_remote_code=trust_remote_code, **kwargs)
+        if task is None:
+            task = model_task(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code))
+        return auto_class(task).from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:
         raise ModelError(
             f"cannot load model {name_or_path!r}: not a local Hugging Face directory and not reachable on the "
@@ -155,8 +240,14 @@ def _dims(config) -> dict:
 
 
 def param_counts(config) -> dict[str, int]:
-    """{'total', 'embedding', 'non_embedding'} parameters of a gpt2 or llama config, computed from its
-    shape (no model is built, so this works for 7B on a laptop)."""
+    """{'total', 'embedding', 'non_embedding'} parameters of the family's pretraining model
+    (`pretraining_model_class`: …ForCausalLM, BertForMaskedLM, T5ForConditionalGeneration) of a
+    gpt2, llama, bert or t5 config, computed from its shape (no model is built, so this works for
+    7B on a laptop). 'embedding' is the lookup tables (tokens, positions, token types)."""
+    if config.model_type == "bert":
+        return _bert_counts(config)
+    if config.model_type == "t5":
+        return _t5_counts(config)["counts"]
     x = _dims(config)
     d, L, V, ff = x["d"], x["L"], x["V"], x["ff"]
     if config.model_type == "gpt2":
@@ -176,15 +267,62 @@ def param_counts(config) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
+def _bert_counts(config) -> dict[str, int]:
+    d, ff, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    tables = (V + config.max_position_embeddings + config.type_vocab_size) * d
+    layer = 4 * (d * d + d) + 2 * d + (d * ff + ff) + (ff * d + d) + 2 * d  # q k v o, LN, FFN in/out, LN
+    head = (d * d + d) + 2 * d + V + (0 if config.tie_word_embeddings else V * d)  # transform, LN, bias, decoder
+    total = tables + 2 * d + config.num_hidden_layers * layer + head
+    return {"total": total, "embedding": tables, "non_embedding": total - tables}
+
+
+def _t5_counts(config) -> dict:
+    """T5ForConditionalGeneration's parameters, and the parts FLOPs need: the weights applied per
+    input token (encoder stack, and the decoder's cross-attention keys/values of the encoder
+    output) and per target token (the rest of the decoder, and the head)."""
+    d, V, inner = config.d_model, config.vocab_size, config.num_heads * config.d_kv
+    attn = 4 * d * inner  # q k v o, no biases
+    ff = (3 if config.is_gated_act else 2) * d * config.d_ff
+    rel = config.relative_attention_num_buckets * config.num_heads  # block 0 of each stack
+    encoder = config.num_layers * (attn + ff + 2 * d) + d + rel
+    decoder = config.num_decoder_layers * (2 * attn + ff + 3 * d) + d + rel
+    head = 0 if config.tie_word_embeddings else V * d
+    total = V * d + encoder + decoder + head
+    cross_kv = config.num_decoder_layers * 2 * d * inner
+    return {"counts": {"total": total, "embedding": V * d, "non_embedding": total - V * d},
+            "per_input": encoder - rel + cross_kv, "per_target": decoder - rel - cross_kv + V * d, "inner": inner}
+
+
 def count_parameters(model) -> int:
     """Unique parameters of an instantiated model (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def flops_per_token(config, seq_len: int) -> float:
+def flops_per_token(config, seq_len: int, target_len: Optional[int] = None) -> float:
     """Training FLOPs per token, forward + backward: 6N + 12·L·d·T (PaLM appendix B, nanoGPT's
-    estimate_mfu), where N counts the weights used in matmuls: all parameters except the position
-    table and, when the output head is untied, the input embedding lookup."""
+    estimate_mfu), where N counts the weights used in matmuls: all parameters except the lookup
+    tables (positions, bert's token types; the token embedding too when a separate head does the
+    output matmul). Decoder-only and encoder-only (bert, whose attention also spans all T) alike.
+
+    Encoder-decoder (t5), with T_in = seq_len encoder tokens and T_out = target_len decoder tokens
+    (default seq_len), per token of T_in + T_out:
+        [6·(N_in·T_in + N_out·T_out) + 12·a·(L_enc·T_in² + L_dec·(T_out² + T_out·T_in))] / (T_in + T_out)
+    N_in: encoder weights and the decoder's cross-attention key/value projections (applied to the
+    encoder's output); N_out: the rest of the decoder and the head (V·d, tied or not); a: the
+    attention width heads·d_kv; the three attention terms are encoder self-, decoder self- and
+    cross-attention. A trainer multiplies it by (input + target) tokens per second."""
+    if config.model_type == "t5":
+        t = _t5_counts(config)
+        t_in, t_out = seq_len, seq_len if target_len is None else target_len
+        L_enc, L_dec = config.num_layers, config.num_decoder_layers  # noqa: N806
+        attention = 12 * t["inner"] * (L_enc * t_in**2 + L_dec * (t_out**2 + t_out * t_in))
+        return (6 * (t["per_input"] * t_in + t["per_target"] * t_out) + attention) / (t_in + t_out)
+    if config.model_type == "bert":
+        d = config.hidden_size
+        n = param_counts(config)["total"] - (config.max_position_embeddings + config.type_vocab_size) * d
+        if not config.tie_word_embeddings:
+            n -= config.vocab_size * d
+        return 6 * n + 12 * config.num_hidden_layers * d * seq_len
     x = _dims(config)
     n = param_counts(config)["total"] - x["P"] * x["d"] - (0 if x["tied"] else x["V"] * x["d"])
     return 6 * n + 12 * x["L"] * x["d"] * seq_len

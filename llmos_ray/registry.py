@@ -45,6 +45,8 @@ class ModelEntry:
     """Architecture family (gpt2, llama, ...); read from config.json when not given."""
     size: Optional[str] = None
     """Preset size or a free-form size such as '125m'."""
+    task: Optional[str] = None
+    """What the model does: causal_lm, classification, masked_lm, seq2seq; read from config.json when not given."""
     created: str = ""
     """UTC time of registration (ISO 8601)."""
     source_run: Optional[str] = None
@@ -77,14 +79,15 @@ def validate_name(name: str) -> str:
 
 def register(name: str, uri: str, *, family: Optional[str] = None, size: Optional[str] = None,
              source_run: Optional[str] = None, eval: Optional[dict] = None, overwrite: bool = False,
-             registry: Optional[str] = None, **meta) -> ModelEntry:
+             registry: Optional[str] = None, task: Optional[str] = None, **meta) -> ModelEntry:
     """Add `name` -> `uri` to the library and return the entry. A local `uri` must be a model or adapter
     directory and is stored as an absolute path. Re-registering a name needs overwrite=True."""
     validate_name(name)
     uri = _normalize_model_uri(uri)
     if family is None:
         family = _read_family(uri)
-    entry = ModelEntry(name=name, uri=uri, family=family, size=size, source_run=source_run,
+    entry = ModelEntry(name=name, uri=uri, family=family, size=size, task=task or model_task_of(uri),
+                       source_run=source_run,
                        eval=dict(eval or {}), meta=dict(meta),
                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     with _editing(registry) as models:
@@ -173,6 +176,32 @@ def _read_family(uri: str) -> Optional[str]:
                 value = json.load(f).get(key)
             return value if key == "model_type" else (f"lora:{value}" if value else "lora")
     return None
+
+
+def model_task_of(uri: str) -> str:
+    """What the model at `uri` (a directory, fsspec URI or hub id) does, from its config.json
+    (models.model_task) — a LoRA adapter from its peft task type — else 'causal_lm'."""
+    import fsspec
+
+    from llmos_ray.models import model_task
+
+    for name in ("config.json", "adapter_config.json"):
+        try:
+            with fsspec.open(f"{uri.rstrip('/')}/{name}", "r") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if name == "adapter_config.json":
+            return "classification" if config.get("task_type") == "SEQ_CLS" else "causal_lm"
+        return model_task(config)
+    if not is_remote(uri) and not os.path.exists(os.path.expanduser(uri)) and uri.count("/") == 1:
+        try:  # a hub id: its config, when the hub is reachable (or cached)
+            from transformers import AutoConfig
+
+            return model_task(AutoConfig.from_pretrained(uri))
+        except (OSError, ValueError):
+            pass
+    return "causal_lm"
 
 
 def _read(uri: str) -> dict[str, dict]:

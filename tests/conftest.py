@@ -169,3 +169,31 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(out)
     return out
+
+
+CLASSIFIER_STEPS = 80
+
+
+def classifier_overrides(out_dir, name: str, *more: str) -> list[str]:
+    """A bert-tiny language-ID classifier trained from scratch on the embedded set's shipped sample
+    (360 training, 40 held-out records of 8 languages: `finetune.locale_root` has no catalogs)."""
+    import pathlib
+
+    empty = pathlib.Path(out_dir) / "no-catalogs"
+    empty.mkdir(parents=True, exist_ok=True)
+    return [f"run.name={name}", f"run.output_dir={pathlib.Path(out_dir) / name}", "run.wandb=disabled",
+            "finetune.task=classification", f"finetune.locale_root={empty}", "model.size=tiny",
+            "data.vocab_size=1000", "data.seq_len=64", "train.num_workers=2", "train.micro_batch_size=16",
+            "train.global_batch_size=32", f"train.max_steps={CLASSIFIER_STEPS}", "train.lr=5e-3",
+            "train.warmup_steps=4", "train.log_every=2", f"train.eval_every={CLASSIFIER_STEPS // 2}",
+            "train.eval_batches=2", f"train.checkpoint_every={CLASSIFIER_STEPS // 2}", "train.num_to_keep=null", *more]
+
+
+@pytest.fixture(scope="session")
+def classifier_run(ray_session, tmp_path_factory):
+    """The session's one fine-tuned classifier (ZeRO-2, 2 workers; checkpoints at steps 40 and 80):
+    its TrainResult. Shared by the training, evaluation and serving tests."""
+    from llmos_ray.config import load_config
+    from llmos_ray.train.finetune import finetune
+
+    return finetune(load_config(None, classifier_overrides(tmp_path_factory.mktemp("classifier"), "lang-id")))

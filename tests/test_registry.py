@@ -117,14 +117,14 @@ def test_cli_models_commands(tiny_model_dir, tmp_path, capsys):
     assert "serve --model tiny" in capsys.readouterr().out
     assert main(["models", "list", "--registry", reg]) == 0
     header, row = capsys.readouterr().out.splitlines()
-    assert header.split() == ["name", "family", "size", "params", "registered", "uri"]
+    assert header.split() == ["name", "family", "task", "size", "params", "registered", "uri"]
     from transformers import AutoModelForCausalLM
 
     from llmos_ray.models import count_parameters
     from llmos_ray.registry import human_count
 
     params = count_parameters(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    assert row.split()[:4] == ["tiny", "gpt2", "tiny", human_count(params)] and "ppl=3" in row
+    assert row.split()[:5] == ["tiny", "gpt2", "causal_lm", "tiny", human_count(params)] and "ppl=3" in row
     assert tiny_model_dir in row
     assert main(["models", "show", "tiny", "--registry", reg]) == 0
     assert json.loads(capsys.readouterr().out)["uri"] == tiny_model_dir

@@ -1,5 +1,5 @@
 """Reading the records of one source, per format: `read_objects` for structured records (JSONL,
-JSON, parquet, saved or hub datasets), `read_records` for the text of each record (those formats'
+JSON, parquet, CSV, saved or hub datasets), `read_records` for the text of each record (those formats'
 data.text_field, and .txt files).
 
 `read_objects` yields `(line, object, None)` per record, or `(line, None, reason)` for one that
@@ -7,8 +7,10 @@ does not parse (malformed JSON, undecodable UTF-8, unreadable parquet rows); par
 rows are dicts. `read_records` yields `(line, text, reason)`: `text` is None for a bad record
 (one that does not parse, or whose field is missing or not a string) and `reason` says why. A
 file whose share of bad records exceeds `data.max_bad_fraction` raises `DataError` naming the
-file and its first bad line. `line` is 1-based: line of a .txt/.jsonl file, element of a JSON
-array, row of a parquet file or dataset. Stream-level corruption (a truncated .gz, a parquet
+file and its first bad line. `line` is 1-based: line of a .txt/.jsonl file (of a .csv file: the
+line its record starts on; the header is line 1), element of a JSON array, row of a parquet file
+or dataset. CSV values are strings; a row whose field count differs from the header's, or that
+is not valid UTF-8, is a bad record. Stream-level corruption (a truncated .gz, a parquet
 file without a footer) raises DataError: the records after it cannot be found, so no count of
 them would be honest.
 """
@@ -29,7 +31,7 @@ Record = tuple[int, Optional[str], Optional[str]]
 """(line, text or None, reason or None)"""
 Parsed = tuple[int, Any, Optional[str]]
 """(line, object, None) or (line, None, reason)"""
-OBJECT_FORMATS = ("jsonl", "json", "parquet", "hf")
+OBJECT_FORMATS = ("jsonl", "json", "parquet", "csv", "hf")
 """The formats whose records are objects (a .txt file's are lines of text)."""
 
 
@@ -57,7 +59,7 @@ def read_objects(corpus: Corpus, source: Source) -> Iterator[Parsed]:
     record bad, so it counts them (no bad-fraction check here)."""
     if source.format not in OBJECT_FORMATS:
         raise DataError(f"{source.uri} is {source.format}, whose records are not objects: records are read from "
-                        f"JSONL, JSON or parquet files (or saved datasets)")
+                        f"JSONL, JSON, parquet or CSV files (or saved datasets)")
     yield from _parsed(corpus, source, None)
 
 
@@ -88,6 +90,8 @@ def _parsed(corpus: Corpus, source: Source, text_field: Optional[str]) -> Iterat
         yield from _read_stream(corpus, source, lambda f: _parquet_rows(f, source, text_field))
     elif fmt == "json":
         yield from _read_stream(corpus, source, lambda f: _json_objects(f.read(), source))
+    elif fmt == "csv":
+        yield from _read_stream(corpus, source, lambda f: _csv_rows(f, source))
     else:
         yield from _read_stream(corpus, source, lambda f: _jsonl_objects(_lines(f)))
 
@@ -186,6 +190,51 @@ def _json_objects(data: bytes, source: Source) -> Iterator[Parsed]:
         raise DataError(f"{source.uri}: not a valid JSON array: {e}") from None
     for i, obj in enumerate(items, 1):
         yield i, obj, None
+
+
+def _csv_rows(f, source: Source) -> Iterator[Parsed]:
+    """Rows of a CSV file with a header, as dicts of strings (the stdlib csv module: quoted fields
+    may hold commas and newlines). Undecodable bytes are kept as surrogates so the rest of the
+    file still reads; a row holding any, or with more or fewer fields than the header, is bad."""
+    import csv
+
+    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+    reader = csv.reader(text)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DataError(f"{source.uri}: not a readable CSV header: {e}") from None
+    if any(_has_surrogates(h) for h in header):
+        raise DataError(f"{source.uri}: the CSV header is not valid UTF-8")
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, None, f"malformed CSV: {e}"
+            start = reader.line_num + 1
+            continue
+        line, start = start, reader.line_num + 1
+        if not row:
+            continue  # a blank line holds no record
+        if len(row) != len(header):
+            yield line, None, f"{len(row)} fields, the header has {len(header)}"
+        elif any(_has_surrogates(v) for v in row):
+            yield line, None, "invalid UTF-8"
+        else:
+            yield line, dict(zip(header, row)), None
+
+
+def _has_surrogates(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _checked(line: int, value: Any, text_field: str) -> Record:

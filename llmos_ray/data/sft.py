@@ -179,7 +179,7 @@ def build_examples(records: Iterable[tuple[str, int, Any]], tokenizer, seq_len: 
 
 def read_sft_records(paths: list[str], storage_options: Optional[dict] = None) -> Iterator[tuple[str, int, Any]]:
     """`(file, line, record)` for every record of `paths` (files, directories, globs; any fsspec URI;
-    JSONL, JSON or parquet, compressed or not), read by the corpus readers with data.storage_options.
+    JSONL, JSON, parquet or CSV, compressed or not), read by the corpus readers with data.storage_options.
     `record` is the parsed object, or a ValueError saying why the line did not parse. `file` is the
     path as given for a single file, else each matched file's path: with the line, the key of the
     held-out split (documents.is_held_out), so it does not change between runs."""
@@ -194,9 +194,9 @@ def read_sft_records(paths: list[str], storage_options: Optional[dict] = None) -
         fs, root = filesystem(path, storage_options)
         one_file = not any(c in path for c in "*?[") and not fs.isdir(root)
         for source in sources:
-            if source.format not in ("jsonl", "json", "parquet"):
+            if source.format not in ("jsonl", "json", "parquet", "csv"):
                 raise DataError(f"finetune.paths: {source.uri} is {source.format}; fine-tuning records are JSONL, "
-                                "JSON or parquet files")
+                                "JSON, parquet or CSV files")
             name = path if one_file else source.uri.removeprefix("file://")
             corpus = Corpus([source], storage_options=dict(storage_options or {}))
             for line, record, reason in read_objects(corpus, source):

@@ -7,6 +7,7 @@ written by `datasets.Dataset.save_to_disk`, or one Hugging Face hub dataset
     .txt              one document per file, or per line with data.txt_mode=line
     .jsonl / .json    one JSON object per line (or a JSON array); text in data.text_field
     .parquet          text in the column data.text_field
+    .csv              a header row, then one record per row (RFC 4180 quoting); text in data.text_field
     HF datasets dir   text in the column data.text_field, split data.hf_split for a DatasetDict
 
 Any of them may be compressed (.gz, .bz2, .zst, .xz): the compression is inferred from the last
@@ -35,9 +36,10 @@ from llmos_ray.storage import protocol
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("txt", "jsonl", "json", "parquet", "hf")
+FORMATS = ("txt", "jsonl", "json", "parquet", "csv", "hf")
 _EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-               ".parquet": "parquet", ".pq": "parquet"}
+               ".parquet": "parquet", ".pq": "parquet",
+               ".csv": "csv"}
 HUB_PREFIX = "hf://datasets/"
 # Filesystems that live inside one process: their files are copied into the read tasks.
 PROCESS_LOCAL_PROTOCOLS = ("memory",)
@@ -178,7 +180,7 @@ def _expand_dir(fs, root: str, fmt: str, given: str) -> list[Source]:
         log.warning("%s: skipped %d file(s) of unknown format (e.g. %s); set data.format to read them",
                     given, len(skipped), skipped[0])
     if not out:
-        raise DataError(f"no corpus files (.txt, .jsonl, .json, .parquet, optionally .gz/.bz2/.zst) "
+        raise DataError(f"no corpus files (.txt, .jsonl, .json, .parquet, .csv, optionally .gz/.bz2/.zst) "
                         f"under {given!r}")
     return out
 
@@ -187,13 +189,13 @@ def _file_source(fs, path: str, size: int, fmt: str, given: str) -> Source:
     f = fmt if fmt != "auto" else infer_format(path)
     if f is None:
         raise DataError(f"cannot infer the format of {fs.unstrip_protocol(path)!r} (from {given!r}) from its "
-                        f"extension; name it .txt, .jsonl, .json or .parquet (optionally + .gz/.bz2/.zst), "
+                        f"extension; name it .txt, .jsonl, .json, .parquet or .csv (optionally + .gz/.bz2/.zst), "
                         f"or set data.format")
     return Source(fs.unstrip_protocol(path), f, int(size))
 
 
 def infer_format(path: str) -> Optional[str]:
-    """'txt', 'jsonl', 'json' or 'parquet' from the extension under any compression suffix."""
+    """'txt', 'jsonl', 'json', 'parquet' or 'csv' from the extension under any compression suffix."""
     from fsspec.utils import infer_compression
 
     name = path.rsplit("/", 1)[-1].lower()

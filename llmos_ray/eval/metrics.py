@@ -11,7 +11,8 @@ Perplexity is exp(token-weighted mean NLL) over all documents; `bits_per_byte` a
 `word_perplexity` (lm-eval's definitions) compare models whose tokenizers differ.
 
 BLEU is sacrebleu's corpus BLEU (0-100, default 13a tokenizer); ROUGE-1/2/L are the mean F1
-(0-1) of `rouge_score` with the Porter stemmer.
+(0-1) of `rouge_score` with the Porter stemmer. Classification figures (accuracy, macro-F1,
+per-label precision and recall, confusion matrix) are scikit-learn's.
 """
 
 from __future__ import annotations
@@ -157,3 +158,44 @@ def _check_pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
         raise ValueError("no hypotheses to score")
+
+
+def classification_scores(y_true, y_pred, labels: Sequence[str], multi_label: bool = False) -> dict:
+    """Accuracy, macro-F1, per-label precision/recall/F1/support and the confusion matrix of
+    predicted label ids against reference ids (scikit-learn). With `multi_label`, `y_true` and
+    `y_pred` are 0/1 indicator rows: accuracy is the share of texts whose label set is exactly
+    right, and the confusion matrix is one [[tn, fp], [fn, tp]] per label. `majority_baseline`
+    is the accuracy of always answering the most frequent reference label (the bar a classifier
+    must clear)."""
+    import numpy as np
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        multilabel_confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    ids = list(range(len(labels)))
+    average_args = dict(labels=ids, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, **average_args)
+    if multi_label:
+        matrix = multilabel_confusion_matrix(y_true, y_pred, labels=ids).tolist()
+        counts = {}
+        for row in map(tuple, y_true.astype(int)):
+            counts[row] = counts.get(row, 0) + 1
+        majority = max(counts.values()) / len(y_true) if len(y_true) else 0.0
+    else:
+        matrix = confusion_matrix(y_true, y_pred, labels=ids).tolist()
+        majority = float(np.bincount(y_true, minlength=len(labels)).max() / len(y_true)) if len(y_true) else 0.0
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", **average_args)),
+        "majority_baseline": majority,
+        "examples": int(len(y_true)),
+        "labels": list(labels),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(labels, precision, recall, f1, support)},
+        "confusion_matrix": matrix,
+    }

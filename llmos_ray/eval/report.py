@@ -1,6 +1,7 @@
 """The evaluation report: per model, its figures from the worker's output rows (token-weighted
-perplexity over all documents, corpus-level BLEU and ROUGE per task); the headline figures flat
-and as a table; every prompt, reference and answer as JSON lines; the figures attached to the
+perplexity over all documents, corpus-level BLEU and ROUGE per task; a classifier's accuracy,
+macro-F1, per-label precision/recall and confusion matrix); the headline figures flat and as a
+table (confusion matrices after it); every prompt, reference and answer as JSON lines; the figures attached to the
 model's registry entry. `<run.output_dir>/report.json` holds every figure, the models' sources and
 URIs, the resolved config, timings and the counts of bad or skipped records.
 """
@@ -99,6 +100,12 @@ def flat_results(result: dict) -> dict[str, float]:
     for task, scores in result.get("tasks", {}).items():
         for key in ("bleu", "rouge1", "rouge2", "rougeL"):
             flat[f"{task}/{key}"] = scores[key]
+    for task, scores in (result.get("classification") or {}).items():
+        for key in ("accuracy", "macro_f1", "majority_baseline"):
+            flat[f"{task}/{key}"] = scores[key]
+        for label, figures in scores["per_class"].items():
+            flat[f"{task}/{label}/precision"] = figures["precision"]
+            flat[f"{task}/{label}/recall"] = figures["recall"]
     return {k: v for k, v in flat.items() if v is not None}
 
 
@@ -134,7 +141,34 @@ def legend(report: dict) -> dict[str, str]:
         out[f"{task}/bleu"] = f"sacreBLEU corpus BLEU, 0-100, of {on}; higher is better"
         for key, name in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")):
             out[f"{task}/{key}"] = f"mean {name} F1, 0-1 (stemmed), of the same answers; higher is better"
+    info = (report.get("inputs") or {}).get("classification")
+    if info:
+        task = info["name"]
+        on = f"the {info['records']} labelled records of {info['source']} ({', '.join(info.get('paths') or [])})"
+        out[f"{task}/accuracy"] = (f"share of {on} whose predicted label is the reference (multi-label: whose label "
+                                   "set is exactly right), 0-1, minus the model's bad records; higher is better")
+        out[f"{task}/macro_f1"] = "unweighted mean over the model's labels of each label's F1, 0-1; higher is better"
+        out[f"{task}/majority_baseline"] = "accuracy of always answering the most frequent reference label"
+        out[f"{task}/<label>/precision"] = "of the records predicted as <label>, the share that are; 0-1"
+        out[f"{task}/<label>/recall"] = "of the records labelled <label>, the share predicted so; 0-1"
     return out
+
+
+def confusion_matrices(report: dict) -> str:
+    """Each classifier's confusion matrix per task (rows: reference label, columns: predicted)."""
+    blocks = []
+    for label, result in report["models"].items():
+        for task, scores in (result.get("classification") or {}).items():
+            if scores.get("multi_label"):
+                continue  # one 2x2 matrix per label: in report.json
+            names, matrix = scores["labels"], scores["confusion_matrix"]
+            width = max([len(n) for n in names] + [len(str(v)) for row in matrix for v in row])
+            lines = [f"confusion matrix of {label} on {task} (rows: reference, columns: predicted):",
+                     " " * (width + 2) + " ".join(n.rjust(width) for n in names)]
+            lines += [f"  {n.rjust(width)} " + " ".join(str(v).rjust(width) for v in row)
+                      for n, row in zip(names, matrix)]
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def format_table(report: dict) -> str:
@@ -151,8 +185,10 @@ def format_table(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     meaning = report.get("legend") or legend(report)
-    shown = [f"  {key}: {meaning[key]}" for key in keys if key in meaning]
-    return "\n".join(lines + (["", "legend:", *shown] if shown else []))
+    generic = [re.sub(r"^([^/]+)/[^/]+/(precision|recall)$", r"\1/<label>/\2", key) for key in keys]
+    shown = [f"  {key}: {meaning[key]}" for key in dict.fromkeys(generic) if key in meaning]
+    matrices = confusion_matrices(report)
+    return "\n".join(lines + (["", "legend:", *shown] if shown else []) + (["", matrices] if matrices else []))
 
 
 def _generations_jsonl(rows: list[dict], examples: list[dict]) -> str:
@@ -187,7 +223,7 @@ def _versions() -> dict[str, Optional[str]]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("llmos-ray", "ray", "torch", "transformers", "sacrebleu", "rouge-score"):
+    for name in ("llmos-ray", "ray", "torch", "transformers", "sacrebleu", "rouge-score", "scikit-learn"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -13,7 +13,10 @@
    pool of eval.num_workers actors (each loads the model once, on a GPU when the cluster has
    them) → a row per document (NLL sum, tokens scored) and per prompt (greedy answer), reduced
    on the driver: perplexity is token-weighted over all documents, BLEU is corpus-level.
-4. `<run.output_dir>/report.json` holds every figure, the models' sources and URIs, the resolved
+4. Classifiers (exports of finetune.task=classification) are scored instead on labelled records
+   (classification.py: eval.classification_paths, else the held-out split of the first one's
+   training data): accuracy, macro-F1, per-label precision and recall, confusion matrix.
+5. `<run.output_dir>/report.json` holds every figure, the models' sources and URIs, the resolved
    config, timings and the counts of bad or skipped records; `generations/<model>.jsonl` holds
    every prompt, reference and answer (report.py). Models named from the registry get their
    figures in their entry's `eval` dict (eval.attach_results).
@@ -57,22 +60,32 @@ def evaluate(cfg: Config) -> dict:
 
 
 def _evaluate(cfg: Config, models: list[dict], started: float) -> dict:
+    from llmos_ray.eval.classification import classification_inputs, score_classifier
     from llmos_ray.runtime import init_ray
 
     ev = cfg.eval
     init_ray()
-    documents, examples, inputs_info = read_inputs(cfg)
-    inputs = model_inputs(documents, examples)
+    generative = [m for m in models if m["task"] != "classification"]
+    classifiers = [m for m in models if m["task"] == "classification"]
+    documents, examples, inputs_info = read_inputs(cfg) if generative else (None, [], {})
+    if classifiers:
+        labelled, inputs_info["classification"] = classification_inputs(cfg, classifiers)
+    inputs = model_inputs(documents, examples) if generative else None
     resources, threads = worker_resources(cfg)
     report = new_report(cfg, inputs_info, resources, threads)
     for model in models:
         log.info("evaluating %s (%s) with %d actor(s) %s", model["label"], model["uri"], ev.num_workers, resources)
         t0 = time.perf_counter()
-        rows = run_model(inputs, model, cfg, resources, threads)
-        result = summarize_model(model, rows, examples, documents is not None)
+        if model["task"] == "classification":
+            result = {k: model[k] for k in ("source", "uri", "base_uri", "registry_name", "task")}
+            result["classification"] = {inputs_info["classification"]["name"]:
+                                        score_classifier(labelled, model, cfg, resources, threads)}
+        else:
+            rows = run_model(inputs, model, cfg, resources, threads)
+            result = summarize_model(model, rows, examples, documents is not None)
+            if examples:
+                result["generations"] = write_generations(report, model["label"], rows, examples)
         result["seconds"] = round(time.perf_counter() - t0, 3)
-        if examples:
-            result["generations"] = write_generations(report, model["label"], rows, examples)
         report["models"][model["label"]] = result
         log.info("%s: %s", model["label"], flat_results(result))
     report["seconds"] = round(time.perf_counter() - started, 3)
@@ -83,8 +96,10 @@ def _evaluate(cfg: Config, models: list[dict], started: float) -> dict:
     return report
 
 
-DEFAULT_MODELS = (os.path.join("runs", "finetune", "export"), os.path.join("runs", "default", "export"))
-"""What `llmos evaluate` with no models compares: the default fine-tune against its base."""
+DEFAULT_MODELS = (os.path.join("runs", "finetune", "export"), os.path.join("runs", "default", "export"),
+                  os.path.join("runs", "classification", "export"))
+"""What `llmos evaluate` with no models compares: the default fine-tune against its base, and the
+default classifier (`llmos finetune finetune.task=classification`), each on what it is for."""
 
 
 def with_defaults(cfg: Config) -> Config:
@@ -94,12 +109,15 @@ def with_defaults(cfg: Config) -> Config:
     reference = the docstring's summary)."""
     if cfg.eval.model:
         return cfg
+    from llmos_ray.registry import model_task_of
+
     found = [os.path.abspath(m) for m in DEFAULT_MODELS if os.path.isfile(os.path.join(m, "config.json"))]
     if not found:
         return cfg  # _check explains what to pass
     cfg.eval.model = found
-    if not cfg.eval.task_paths:
-        cfg.eval.task_paths = [default_task_file(found[0], cfg.run.output_dir)]
+    generative = [m for m in found if model_task_of(m) != "classification"]
+    if generative and not cfg.eval.task_paths:
+        cfg.eval.task_paths = [default_task_file(generative[0], cfg.run.output_dir)]
     log.info("evaluating the default models %s", found)
     return cfg
 
@@ -110,16 +128,16 @@ def _check(cfg: Config) -> None:
     if not cfg.eval.model:
         raise ConfigError("eval.model is empty: name at least one model directory or registry name "
                           "(llmos evaluate --model DIR_OR_NAME, or eval.model=[a,b])")
-    for key in ("perplexity_paths", "task_paths"):
+    for key in ("perplexity_paths", "task_paths", "classification_paths"):
         paths = getattr(cfg.eval, key)
         if paths:
             expand_sources(list(paths), "auto", cfg.data.storage_options)  # DataError naming a missing path
 
 
 def resolve_models(cfg: Config) -> list[dict]:
-    """One {"label", "source", "uri", "base_uri", "registry_name"} per eval.model entry; labels are
-    short (a registry name, a directory's name) and unique."""
-    from llmos_ray.registry import default_name, resolve_source
+    """One {"label", "source", "uri", "base_uri", "registry_name", "task"} per eval.model entry; labels
+    are short (a registry name, a directory's name) and unique."""
+    from llmos_ray.registry import default_name, model_task_of, resolve_source
 
     models, labels = [], set()
     for source in cfg.eval.model:
@@ -130,6 +148,10 @@ def resolve_models(cfg: Config) -> list[dict]:
             n += 1
             label = f"{base_label}-{n}"
         labels.add(label)
+        task = (entry or {}).get("task") or model_task_of(uri)
+        if task not in ("causal_lm", "classification"):
+            raise ConfigError(f"model {source!r} is a {task} model: evaluation scores causal LMs (perplexity, "
+                              "generation tasks) and classifiers; fine-tune it first (finetune.task=classification)")
         models.append({"label": label, "source": source, "uri": uri, "base_uri": base,
-                       "registry_name": entry["name"] if entry else None})
+                       "registry_name": entry["name"] if entry else None, "task": task})
     return models

@@ -22,6 +22,7 @@ from ray.serve.config import BackpressureConfig
 from llmos_ray.config import Config, ServeConfig, all_keys, from_dict, load_config
 from llmos_ray.errors import ConfigError
 from llmos_ray.schema import set_dotted, yaml_value
+from llmos_ray.serve.classifier import classifier_deployment
 from llmos_ray.serve.ingress import IngressDeployment
 from llmos_ray.serve.middleware import resolve_api_keys
 from llmos_ray.serve.replica import model_deployment
@@ -75,7 +76,10 @@ def build_app(config: Union[Config, ServeConfig, dict, str, None] = None):
     specs = resolve_models(cfg)
     handles = {}
     for spec in specs:
-        handles[spec.name] = vllm_deployment(spec) if spec.engine == "vllm" else model_deployment(spec)
+        if spec.task == "classification":
+            handles[spec.name] = classifier_deployment(spec)
+        else:
+            handles[spec.name] = vllm_deployment(spec) if spec.engine == "vllm" else model_deployment(spec)
     s = cfg.serve
     settings = {"api_keys": resolve_api_keys(s.api_keys, s.api_keys_file), "api_keys_file": s.api_keys_file,
                 "max_request_bytes": s.max_request_bytes, "retry_after_s": s.retry_after_s}

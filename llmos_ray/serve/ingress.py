@@ -6,6 +6,7 @@
     /v1/chat/completions             openai.OpenAIRoutes.respond(CHAT, ...)
     /v1/stats                        the engines' counters (dispatch.ServedModels.stats)
     /v1/apps, /v1/apps/{app}         prompt_apps
+    /v1/classify                     classify.ClassifyRoutes (classifier models)
     /v2/...                          kserve.KServeRoutes (probes under /v2/health need no key)
 
 Request ids, API keys, the body limit, request metrics and the error shape are the middleware's
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from llmos_ray.serve import prompt_apps
+from llmos_ray.serve.classify import ClassifyRequest, ClassifyRoutes
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.kserve import GenerateBody, InferBody, KServeRoutes
 from llmos_ray.serve.middleware import Guard, context, install, metered, request_body, resolve_api_keys
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 REQUEST_MODELS: dict[str, type] = {
     "/v1/completions": COMPLETIONS.request_model,
     "/v1/chat/completions": CHAT.request_model,
+    "/v1/classify": ClassifyRequest,
     **{f"/v1/apps/{name}": app.request_model for name, app in prompt_apps.APPS.items()},
     "/v2/models/{name}/infer": InferBody,
     "/v2/models/{name}/versions/{version}/infer": InferBody,
@@ -57,6 +60,7 @@ class Ingress:
         self.models = ServedModels(specs, handles, settings["retry_after_s"])
         self.openai = OpenAIRoutes(self.models)
         self.kserve = KServeRoutes(self.models)
+        self.classify = ClassifyRoutes(self.models)
         log.info("ingress for models %s; API keys %s", list(self.models.specs),
                  "required" if keys else "not required")
 
@@ -81,6 +85,10 @@ class Ingress:
     @api.post("/v1/chat/completions", dependencies=metered("chat"))
     async def chat_completions(self, request: Request, body: bytes = Depends(request_body)) -> Response:
         return await self.openai.respond(CHAT, body, context(request))
+
+    @api.post("/v1/classify", dependencies=metered("classify"))
+    async def classify_texts(self, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.classify.classify(body, context(request))
 
     # -- stats and prompt apps ---------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Optional
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
+from llmos_ray.serve import classify
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import SamplingFields, event_stream, sse, usage
@@ -233,6 +234,7 @@ class KServeRoutes:
 
     def __init__(self, models: ServedModels):
         self.models = models
+        self.classify = classify.ClassifyRoutes(models)
 
     @staticmethod
     def server_metadata() -> dict[str, Any]:
@@ -245,7 +247,8 @@ class KServeRoutes:
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     def model_metadata(self, name: str) -> dict[str, Any]:
-        return model_metadata(self.models.get(name, param="name").name)
+        spec = self.models.get(name, param="name")
+        return classify.model_metadata(spec.name) if spec.task == "classification" else model_metadata(spec.name)
 
     async def model_ready(self, name: str) -> Response:
         spec = self.models.get(name, param="name")
@@ -258,6 +261,8 @@ class KServeRoutes:
     async def infer(self, name: str, body: bytes, header_length: Optional[str], ctx: RequestContext) -> Response:
         spec = self.models.get(name, ctx, "name")
         parsed = parse_infer(body, header_length)
+        if spec.task == "classification":  # one call, run in chunks of max_batch_size: no generation fan-out
+            return await self.classify.infer(spec, parsed.id, parsed.texts, parsed.binary_outputs, ctx)
         self.models.check_fanout(spec, len(parsed.texts), "inputs.text_input")
         params = self._params(parsed.sampling, spec)
         if self.models.input_blocked(spec, parsed.texts):
@@ -276,6 +281,7 @@ class KServeRoutes:
 
     def _generate_request(self, name: str, body: bytes, ctx: RequestContext) -> tuple[ModelSpec, GenerationRequest]:
         spec = self.models.get(name, ctx, "name")
+        classify.require_generative(spec)
         text, raw = parse_generate(body)
         return spec, GenerationRequest(params=self._params(raw, spec), prompt=text)
 

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi.responses import JSONResponse, Response
 
+from llmos_ray.serve.classify import require_generative
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import (
@@ -159,6 +160,7 @@ class OpenAIRoutes:
         """The pipeline of both endpoints, from the request body to the response."""
         req = parse_body(body, endpoint.request_model)
         spec = self.models.get(req.model, ctx)
+        require_generative(spec)
         plan = endpoint.plan(req)
         self.models.check_fanout(spec, len(plan.inputs) * plan.n, "prompt" if len(plan.inputs) > 1 else "n")
         params = self.models.sampling_params(req, spec, plan.max_tokens)

@@ -22,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, Field, create_model
 
+from llmos_ray.serve.classify import require_generative
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import SamplingFields, new_id, usage
@@ -142,6 +143,7 @@ async def run(models: ServedModels, app: str, body: bytes, ctx: RequestContext) 
         raise APIError(400, f"model: field required (served models: {', '.join(models.specs)})", param="model",
                        code="missing_required_parameter")
     spec = models.get(name, ctx)
+    require_generative(spec)
     if "temperature" not in req.model_fields_set:
         req = req.model_copy(update={"temperature": spec_app.temperature})
     params = models.sampling_params(req, spec, req.max_tokens, default=spec_app.max_tokens)

@@ -15,10 +15,11 @@ from typing import Any, Optional
 
 from llmos_ray.config import Config, ServeConfig, ServedModelOptions
 from llmos_ray.errors import ConfigError
-from llmos_ray.registry import default_name, resolve_source
+from llmos_ray.registry import default_name, model_task_of, resolve_source
 from llmos_ray.schema import coerce
 
 SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SERVABLE_TASKS = ("causal_lm", "classification")
 
 
 @dataclass(kw_only=True)
@@ -34,6 +35,8 @@ class ModelSpec(ServedModelOptions):
     """For a LoRA adapter: the base model it is applied to."""
     registry_entry: Optional[dict] = None
     """The registry entry it was resolved from, if any."""
+    task: str = "causal_lm"
+    """What the model does (registry.model_task_of): 'causal_lm' (generation) or 'classification'."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,7 +65,11 @@ def resolve_models(config: Config) -> list[ModelSpec]:
                               f"(set one with NAME={source})")
         if any(s.name == name for s in specs):
             raise ConfigError(f"two serve.models entries are both served as {name!r}; name one with NAME=SOURCE")
-        spec = ModelSpec(name=name, uri=uri, base_uri=base, registry_entry=entry,
+        task = (entry or {}).get("task") or model_task_of(uri)
+        if task not in SERVABLE_TASKS:
+            raise ConfigError(f"model {name!r} ({uri}) is a {task} model, which is not served: llmos serve takes "
+                              f"causal LMs (text generation) and classifiers (finetune.task=classification)")
+        spec = ModelSpec(name=name, uri=uri, base_uri=base, registry_entry=entry, task=task,
                          **{k: getattr(serve, k) for k in PER_MODEL_KEYS})
         for key, value in (serve.model_options.get(name) or {}).items():
             if key not in PER_MODEL_KEYS:
@@ -90,6 +97,9 @@ def _split(item: str) -> tuple[Optional[str], str]:
 
 def _check_model(spec: ModelSpec) -> None:
     spec.validate(f"serve (model {spec.name!r})")
+    if spec.engine == "vllm" and spec.task != "causal_lm":
+        raise ConfigError(f"serve (model {spec.name!r}): engine=vllm generates text; a {spec.task} model is served "
+                          "with engine=transformers")
     if spec.engine == "vllm" and spec.base_uri is not None:
         raise ConfigError(f"serve (model {spec.name!r}): engine=vllm serves full models here; merge the LoRA "
                           "adapter first")

@@ -333,11 +333,12 @@ def _lora_model(config, weights: dict, run_cfg):
     """The fine-tuned LoRA model: merged into plain weights (finetune.merge_lora) or the peft model,
     whose save_pretrained writes the adapter alone (adapter_config.json names the base)."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
+    from llmos_ray.models import auto_class, model_task
     from llmos_ray.train.lora import lora_config
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(run_cfg, config.model_type))
+    task = model_task(config)
+    peft_model = get_peft_model(auto_class(task).from_config(config), lora_config(run_cfg, config.model_type, task))
     peft_model.load_state_dict(weights, strict=True)
     if run_cfg.finetune.merge_lora:
         return peft_model.merge_and_unload()
@@ -361,11 +362,15 @@ def read_micro_batch_size(ckpt) -> int:
 
 def export(checkpoint: Union[str, Any], out_dir: str, merge_lora: Optional[bool] = None) -> str:
     """Write a checkpoint as a Hugging Face model directory (config.json, model.safetensors,
-    tokenizer, generation_config.json, llmos_config.yaml). The directory appears complete or not at all.
+    tokenizer, generation_config.json, llmos_config.yaml) of the run's model class (its config's
+    architectures: a causal LM, a masked LM, a sequence classifier with its id2label). The directory
+    appears complete or not at all.
     For a LoRA run, `merge_lora` (default: the run's finetune.merge_lora) chooses merged weights or
     the adapter alone (adapter_config.json + adapter_model.safetensors, loadable with peft)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+    from llmos_ray.models import auto_class, model_task
 
     ckpt = _as_checkpoint(checkpoint)
     state = validate(ckpt)
@@ -385,7 +390,7 @@ def export(checkpoint: Union[str, Any], out_dir: str, merge_lora: Optional[bool]
             model = _lora_model(config, weights, run_cfg)
         else:
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
+                model = auto_class(model_task(config)).from_config(config)
             model.load_state_dict(weights, strict=True, assign=True)
             model.tie_weights()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.get("precision"), torch.float32)
@@ -398,9 +403,11 @@ def export(checkpoint: Union[str, Any], out_dir: str, merge_lora: Optional[bool]
         end = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else None
         if state.get("job") == "finetune" and end is not None:
             ids["eos_token_id"] = [tokenizer.eos_token_id, end]  # a chat turn ends at <|end|>
-        model.generation_config = GenerationConfig(**ids)
+        if model_task(config) == "causal_lm":
+            model.generation_config = GenerationConfig(**ids)
         model.save_pretrained(tmp, safe_serialization=True)
-        if not isinstance(model, PreTrainedModel):  # a LoRA adapter alone: keep its base's generation config
+        if not isinstance(model, PreTrainedModel) and model_task(config) == "causal_lm":
+            # a LoRA adapter alone: keep its base's generation config
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.copy(os.path.join(d, "config.yaml"), os.path.join(tmp, "llmos_config.yaml"))

@@ -17,10 +17,16 @@ DEFAULT_BASE = os.path.join("runs", "default", "export")
 
 
 def finetune(cfg: Config) -> TrainResult:
-    """Supervised fine-tuning of `model.base` on `finetune.paths` (or the embedded instruction set)."""
+    """Supervised fine-tuning of `model.base` on `finetune.paths` (or the embedded instruction set);
+    with finetune.task=classification, a sequence classifier (train/classification.py)."""
     from llmos_ray.runtime import init_ray, run_log
 
-    cfg, resume_from, finished = resolve_resume(_with_base(cfg.resolved("finetune")), "finetune")
+    cfg = cfg.resolved("finetune")
+    if cfg.finetune.task == "classification":
+        from llmos_ray.train.classification import finetune_classifier
+
+        return finetune_classifier(cfg)
+    cfg, resume_from, finished = resolve_resume(_with_base(cfg), "finetune")
     if finished is not None:
         return finished
     with run_log(cfg.run.output_dir):

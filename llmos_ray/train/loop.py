@@ -59,6 +59,8 @@ class Worker:
     """DeepSpeed's config before the model is known (it sizes buckets once it is)."""
     dist: Any
     """torch.distributed, over the process group Ray Train created."""
+    task_info: dict = field(default_factory=dict)
+    """What the objective needs from the driver (classification: label names, class weights)."""
 
     @property
     def accumulation(self) -> int:
@@ -205,7 +207,8 @@ def setup_worker(loop_config: dict[str, Any]) -> Worker:
                                  device.type == "cuda" and torch.cuda.is_bf16_supported())
     return Worker(cfg=cfg, job=job, tokenizer=loop_config["tokenizer"], rank=rank, world=world,
                   local_rank=ctx.get_local_rank(), device=device, precision=precision,
-                  ds_config=deepspeed_config(cfg, world, device.type, precision), dist=dist)
+                  ds_config=deepspeed_config(cfg, world, device.type, precision), dist=dist,
+                  task_info=dict(loop_config.get("task_info") or {}))
 
 
 def plan_resume(start, worker: Worker) -> Resume:
@@ -242,7 +245,8 @@ def build(worker: Worker, resume: Resume) -> Training:
     _seed_everything(worker.cfg.run.seed)
     model, teacher = _setup_model(worker, resume)
     engine, scheduler = _setup_engine(worker, model, resume)
-    return Training(engine, model, scheduler, task_for(worker.cfg, worker.job, teacher))
+    return Training(engine, model, scheduler,
+                    task_for(worker.cfg, worker.job, teacher, tokenizer=worker.tokenizer, info=worker.task_info))
 
 
 def _seed_everything(seed: int) -> None:
@@ -257,11 +261,12 @@ def _setup_model(worker: Worker, resume: Resume):
     from llmos_ray.train.lora import apply_lora
 
     cfg, tokenizer = worker.cfg, worker.tokenizer
-    model = build_model(cfg, tokenizer, worker.ds_config if resume.method != "consolidated" else None)
+    model = build_model(cfg, tokenizer, worker.ds_config if resume.method != "consolidated" else None, worker.job,
+                        worker.task_info.get("labels"))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):  # chat tokens added for fine-tuning
         model.resize_token_embeddings(len(tokenizer))
     if worker.job == "finetune" and cfg.finetune.lora:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, task=cfg.finetune.task)
     teacher = load_teacher(cfg, worker.device) if worker.job == "distill" else None
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
@@ -354,7 +359,9 @@ def report_step(training: Training, state: WorkerState, worker: Worker, window: 
     if val_blocks is not None and (step % t.eval_every == 0 or last):
         val_loss = validation_loss(training.engine, training.task, val_blocks, worker.cfg, worker.rank, worker.world,
                                    worker.device, worker.dist)
-        metrics.update(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        metrics.update(step=step, val_loss=val_loss)
+        if training.task.name != "classification":  # a classifier's val_loss is per example, not per token
+            metrics["val_ppl"] = math.exp(min(val_loss, 50.0))
         training.engine.train()
         window.restart_clock()
     checkpoint_now = step % t.checkpoint_every == 0 or last
@@ -391,4 +398,8 @@ def log_metrics(training: Training, state: WorkerState, worker: Worker, window: 
         grad_norm=float(grad_norm) if grad_norm is not None else None, step_time_s=elapsed / max(1, window.steps))
     if training.task.name == "distill":
         metrics["kl"] = mean_over_ranks(dist, window.kl / max(1, window.micro_batches), device)
+    if training.task.name == "classification":
+        # micro-batches are cut to their longest example: seq_len positions each would overstate tokens/s and MFU
+        examples = throughput.tokens_per_step // worker.cfg.data.seq_len * window.steps
+        metrics.update(tokens_per_s=None, mfu=None, examples_per_s=examples / max(elapsed, 1e-9))
     return metrics

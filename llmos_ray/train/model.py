@@ -26,17 +26,21 @@ def choose_device():
     return torch.device("cpu")
 
 
-def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None):
-    """A fresh preset model sized for `tokenizer`, or `model.base` loaded from a directory or the hub.
-    Under ZeRO-3 (`ds_config` given) a base model's parameters are partitioned as they are created
+def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None, job: str = "pretrain",
+                labels: Optional[list] = None):
+    """A fresh preset model sized for `tokenizer`, or `model.base` loaded from a directory or the hub,
+    with the head of the run's objective (tasks.objective: a causal LM, bert's masked LM, or a
+    sequence classifier over `labels`, whose names go into its config as id2label/label2id). Under
+    ZeRO-3 (`ds_config` given) a base model's parameters are partitioned as they are created
     (deepspeed.zero.Init through transformers) and filled tensor by tensor, so no rank holds it whole."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from llmos_ray.models import load_pretrained, preset_config
+    from llmos_ray.models import auto_class, preset_config
+    from llmos_ray.train.tasks import objective
 
+    task = objective(cfg, job)
+    model_class = auto_class(task)
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
-    if cfg.model.base and not zero3:
-        return load_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.base:
         base_dir = local_model_dir(cfg.model.base)
         hf_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code)
@@ -44,20 +48,37 @@ def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None):
         hf_config = preset_config(cfg.model.family, cfg.model.size, len(tokenizer), cfg.data.seq_len,
                                   bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                                   pad_id=tokenizer.pad_token_id, overrides=cfg.model.overrides)
-    if not zero3 or not cfg.model.base:
+    if task == "classification":
+        _label_config(hf_config, labels or [], cfg.finetune.multi_label, tokenizer)
+    if cfg.model.base and not zero3:
+        model = model_class.from_pretrained(base_dir, config=hf_config, trust_remote_code=cfg.model.trust_remote_code,
+                                            **({"ignore_mismatched_sizes": True} if task == "classification" else {}))
+    elif not zero3 or not cfg.model.base:
         # A fresh model is built whole on every rank from the same seed and partitioned by
         # deepspeed.initialize: transformers' ZeRO-3 initialisation under zero.Init leaves some
         # weights uninitialised in the versions we test with (NaN losses). Costs host memory for
         # the full model per rank while building; loading a base model below does not.
-        return AutoModelForCausalLM.from_config(hf_config)
-    from transformers.integrations import HfDeepSpeedConfig
+        model = model_class.from_config(hf_config)
+    else:
+        from transformers.integrations import HfDeepSpeedConfig
 
-    keep = HfDeepSpeedConfig(ds_config)  # transformers checks a weak reference to it while building
-    model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.base:
-        load_weights_zero3(model, base_dir)
-    del keep
+        keep = HfDeepSpeedConfig(ds_config)  # transformers checks a weak reference to it while building
+        model = model_class.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+        load_weights_zero3(model, base_dir, new_head=task == "classification")
+        del keep
+    # Checkpoints save this config: its architectures tell export and serving which class to build.
+    model.config.architectures = [type(model).__name__]
     return model
+
+
+def _label_config(hf_config, labels: list, multi_label: bool, tokenizer) -> None:
+    """A classifier's labels (names from the training split) and how it pools padded batches."""
+    hf_config.num_labels = len(labels)
+    hf_config.id2label = dict(enumerate(labels))
+    hf_config.label2id = {name: i for i, name in enumerate(labels)}
+    hf_config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
+    if getattr(hf_config, "pad_token_id", None) is None:  # decoder classifiers pool the last non-pad token
+        hf_config.pad_token_id = tokenizer.pad_token_id
 
 
 def local_model_dir(name_or_path: str) -> str:
@@ -71,10 +92,12 @@ def local_model_dir(name_or_path: str) -> str:
     return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
 
 
-def load_weights_zero3(model, model_dir: str) -> None:
+def load_weights_zero3(model, model_dir: str, new_head: bool = False) -> None:
     """Copy a safetensors checkpoint into a ZeRO-3 partitioned model one tensor at a time (rank 0
     reads, DeepSpeed re-partitions), so no rank materialises the whole model. transformers'
-    own ZeRO-3 loading path leaves some weights unloaded in the version we test with."""
+    own ZeRO-3 loading path leaves some weights unloaded in the version we test with. With
+    `new_head` (a classifier on a base model), the weights the base lacks outside the base model
+    (the head, bert's pooler) are initialised by the model's own rule instead (rank 0)."""
     import glob
 
     import deepspeed
@@ -98,8 +121,24 @@ def load_weights_zero3(model, model_dir: str) -> None:
                 loaded.add(key)
     tied = {k for k, p in params.items() if k not in loaded and any(p is params[o] for o in loaded)}
     missing = set(params) - loaded - tied
+    if new_head and missing:
+        _init_new_weights(model, missing)
+        return
     if missing:
         raise ModelError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
+
+
+def _init_new_weights(model, names: set[str]) -> None:
+    """Initialise the modules holding `names` (gathered, on rank 0) with the model's _init_weights."""
+    import deepspeed
+    import torch.distributed as dist
+
+    modules = {name.rsplit(".", 1)[0] for name in names}
+    for module_name, module in model.named_modules():
+        if module_name in modules:
+            with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=0):
+                if dist.get_rank() == 0:
+                    model._init_weights(module)
 
 
 def load_teacher(cfg: Config, device):

@@ -37,7 +37,9 @@ IDENTITY_KEYS = (
     "data.max_documents", "data.hf_split", "data.tokenizer", "data.vocab_size", "data.tokenizer_sample_bytes",
     "data.seq_len", "data.val_fraction", "data.val_paths", "model.family", "model.size", "model.base",
     "model.overrides", "finetune.paths", "finetune.format", "finetune.lora", "finetune.lora_r",
-    "finetune.lora_alpha", "finetune.lora_target_modules", "distill.teacher",
+    "finetune.lora_alpha", "finetune.lora_target_modules", "distill.teacher", "finetune.task",
+    "finetune.multi_label", "finetune.class_weights", "finetune.languages", "finetune.examples_per_label",
+    "data.mask_probability", "data.whole_word_masking",
 )
 """What a run is: resuming with any of these changed would train another model under the old name."""
 

@@ -8,8 +8,18 @@ engine, checkpoints, resume and export are the same for every task.
     nll, counted = task.nll(engine, batch)        # summed validation NLL and how many targets it scored
 
 Micro-batches are what the readers give (readers.py): packed blocks [B, T+1] (every next token is
-a target), or fine-tuning examples [B, 2, T+1] (tokens and a loss mask). A new objective (masked
-LM, classification, seq2seq) is a new Task here, chosen in `task_for`.
+a target), fine-tuning examples [B, 2, T+1] (tokens and a loss mask), or classification examples
+(a structured array, data/classification.py). A new objective is a new Task here, chosen in
+`task_for`; its `model_task` says which transformers Auto class the trainer builds, exports and
+serves (models.TASK_CLASSES):
+
+    CausalLM                next-token prediction (pretraining gpt2/llama, finetune.task=causal_lm)
+    Distill                 a student against a frozen teacher's logits
+    MaskedLM                BERT's masked LM (pretraining a bert family model)
+    SequenceClassification  labels of texts (finetune.task=classification)
+
+Issue 18's seq2seq plugs in the same way: `finetune.task=seq2seq` and t5 pretraining choose a Task
+here whose model_task is "seq2seq".
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from llmos_ray.config import Config
+from llmos_ray.errors import ConfigError
 from llmos_ray.train.losses import causal_lm_loss, distill_loss, inputs_and_targets, next_token_nll
 
 
@@ -28,6 +39,7 @@ class CausalLM:
     """Next-token prediction: pretraining on packed blocks, fine-tuning on masked examples."""
 
     name = "causal_lm"
+    model_task = "causal_lm"
 
     def batch(self, micro: np.ndarray, device) -> dict[str, Any]:
         inputs, targets = inputs_and_targets(micro, device)
@@ -55,8 +67,139 @@ class Distill(CausalLM):
         return loss, {"kl": kl}
 
 
-def task_for(cfg: Config, job: str, teacher: Optional[Any] = None):
-    """The task of a run: distillation against `teacher`, else next-token prediction."""
+@dataclass
+class MaskedLM:
+    """BERT's masked LM on packed blocks [B, T+1]: the first T tokens of each block, 15% of them
+    selected (80% [MASK], 10% a random token, 10% kept; data/masking.mask_tokens) and predicted.
+
+    The masks of a micro-batch are drawn from a generator seeded by run.seed and the micro-batch's
+    own tokens, so a resumed run masks exactly as the uninterrupted one, every rank draws its own
+    masks, and the validation blocks are masked the same way at every evaluation (comparable
+    validation losses). A block seen again in a later epoch gets the same masks (BERT's static
+    masking, rather than RoBERTa's dynamic masking)."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: tuple
+    seed: int = 0
+    probability: float = 0.15
+    continuation: Optional[np.ndarray] = None
+    """Whole-word masking: masking.continuation_table of the tokenizer."""
+    name = "masked_lm"
+    model_task = "masked_lm"
+
+    def batch(self, micro: np.ndarray, device) -> dict[str, Any]:
+        import zlib
+
+        import torch
+
+        from llmos_ray.data.masking import mask_tokens
+
+        ids = np.ascontiguousarray(micro[:, :-1], dtype=np.int64)
+        rng = np.random.default_rng([self.seed, zlib.crc32(ids.tobytes())])
+        inputs, labels = mask_tokens(ids, mask_id=self.mask_id, vocab_size=self.vocab_size,
+                                     special_ids=self.special_ids, rng=rng, probability=self.probability,
+                                     continuation=self.continuation)
+        return {"input_ids": torch.tensor(inputs, device=device), "labels": torch.tensor(labels, device=device)}
+
+    def loss(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        # the masked positions' cross-entropy: labels are -100 elsewhere, as for a causal LM's targets
+        return _token_cross_entropy(engine(input_ids=batch["input_ids"]).logits, batch["labels"], "mean"), {}
+
+    def nll(self, engine, batch: dict[str, Any]) -> tuple[float, int]:
+        nll = _token_cross_entropy(engine(input_ids=batch["input_ids"]).logits, batch["labels"], "sum")
+        return nll.item(), int((batch["labels"] != -100).sum())
+
+
+def _token_cross_entropy(logits, labels, reduction: str):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+
+
+@dataclass
+class SequenceClassification:
+    """One label (softmax cross-entropy, optionally class-weighted) or several (multi-label: binary
+    cross-entropy per label, optionally with positive weights) per text, from a structured array
+    of examples (data/classification.Examples). Each micro-batch is cut to its longest example
+    (dynamic padding, as Hugging Face's DataCollatorWithPadding). The validation NLL is the
+    unweighted loss summed over examples: val_loss is the mean per held-out example."""
+
+    multi_label: bool = False
+    class_weights: Optional[list] = None
+    name = "classification"
+    model_task = "classification"
+
+    def batch(self, micro: np.ndarray, device) -> dict[str, Any]:
+        import torch
+
+        width = max(1, int(micro["attention_mask"].sum(axis=1).max()))
+        out = {key: torch.tensor(np.ascontiguousarray(micro[key][:, :width], dtype=np.int64), device=device)
+               for key in ("input_ids", "attention_mask", "token_type_ids") if key in micro.dtype.names}
+        kind = torch.float32 if self.multi_label else torch.long
+        out["labels"] = torch.tensor(np.ascontiguousarray(micro["labels"]), dtype=kind, device=device)
+        return out
+
+    def _logits(self, engine, batch: dict[str, Any]):
+        return engine(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+
+    def _loss(self, logits, labels, reduction: str, weighted: bool):
+        import torch
+        import torch.nn.functional as F
+
+        weights = torch.tensor(self.class_weights, device=logits.device) if weighted and self.class_weights else None
+        if self.multi_label:
+            per_label = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weights, reduction="none")
+            per_example = per_label.sum(dim=1)
+            return per_example.sum() if reduction == "sum" else per_example.mean()
+        return F.cross_entropy(logits, labels, weight=weights, reduction=reduction)
+
+    def loss(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        return self._loss(self._logits(engine, batch), batch["labels"], "mean", weighted=True), {}
+
+    def nll(self, engine, batch: dict[str, Any]) -> tuple[float, int]:
+        nll = self._loss(self._logits(engine, batch), batch["labels"], "sum", weighted=False)
+        return nll.item(), int(batch["labels"].shape[0])
+
+
+def objective(cfg: Config, job: str) -> str:
+    """The model_task a run trains: the fine-tuning task, the pretraining objective of the family
+    (models.OBJECTIVES: masked_lm for bert), or causal_lm (distillation)."""
+    from llmos_ray.models import OBJECTIVES
+
+    if job == "finetune":
+        return cfg.finetune.task
+    if job == "pretrain":
+        family = cfg.model.family
+        if cfg.model.base:
+            from transformers import AutoConfig
+
+            family = AutoConfig.from_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code
+                                                ).model_type
+        kind = OBJECTIVES.get(family, "causal_lm")
+        if kind == "span_corruption":
+            raise ConfigError("pretraining the t5 family (span corruption) is not built yet; choose model.family "
+                              "gpt2, llama or bert")
+        return kind
+    return "causal_lm"
+
+
+def task_for(cfg: Config, job: str, teacher: Optional[Any] = None, tokenizer=None, info: Optional[dict] = None):
+    """The task of a run: distillation against `teacher`, masked LM (pretraining a bert), sequence
+    classification (finetune.task; `info` from the driver: label names and class weights), else
+    next-token prediction."""
     if job == "distill":
         return Distill(teacher=teacher, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
+    kind = objective(cfg, job)
+    if kind == "masked_lm":
+        from llmos_ray.data.masking import continuation_table
+
+        return MaskedLM(mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                        special_ids=tuple(tokenizer.all_special_ids), seed=cfg.run.seed,
+                        probability=cfg.data.mask_probability,
+                        continuation=continuation_table(tokenizer) if cfg.data.whole_word_masking else None)
+    if kind == "classification":
+        info = info or {}
+        return SequenceClassification(multi_label=cfg.finetune.multi_label, class_weights=info.get("class_weights"))
     return CausalLM()

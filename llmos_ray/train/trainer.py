@@ -21,6 +21,7 @@ from llmos_ray.config import Config, from_dict, save_config
 from llmos_ray.errors import reraise_ours
 from llmos_ray.storage import write_text
 from llmos_ray.train.loop import Job, train_loop
+from llmos_ray.train.tasks import objective
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class TrainResult:
             "train.max_steps to train longer, or give a new run.name)" if self.already_finished else \
             f"finished {self.run_name}: step {m.get('step')} in {self.seconds / 60:.1f} min"
         lines = [done
-                 + (f", val_loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f})" if m.get("val_loss") is not None
-                    else ""),
+                 + (f", val_loss {m['val_loss']:.3f}" if m.get("val_loss") is not None else "")
+                 + (f" (ppl {m['val_ppl']:.1f})" if m.get("val_ppl") is not None else ""),
                  f"  metrics:    {os.path.join(self.output_dir, 'metrics.jsonl')}",
                  f"  checkpoint: {self.checkpoint}"]
         counts = self.data_counts or {}
@@ -70,7 +71,8 @@ class TrainResult:
 
 
 def pretrain(cfg: Config) -> TrainResult:
-    """Pretrain `cfg.model` on `cfg.data` with Ray Train + DeepSpeed ZeRO; export at the end."""
+    """Pretrain `cfg.model` on `cfg.data` with Ray Train + DeepSpeed ZeRO, with the family's objective
+    (next-token prediction; masked LM for bert); export at the end."""
     from llmos_ray import data
     from llmos_ray.data.corpus import check_corpus
     from llmos_ray.runtime import init_ray, run_log
@@ -81,6 +83,10 @@ def pretrain(cfg: Config) -> TrainResult:
     with run_log(cfg.run.output_dir):
         check_corpus(cfg.data)
         tokenizer = data.get_tokenizer(cfg)
+        if objective(cfg, "pretrain") == "masked_lm":  # bert: the [MASK] token, saved with every checkpoint
+            from llmos_ray.data.masking import add_mask_token
+
+            add_mask_token(tokenizer)
         init_ray()
         train_ds, val_blocks = corpus_datasets(cfg, tokenizer)
         result = run_training(cfg, tokenizer, {"train": train_ds}, val_blocks, resume_from)
@@ -126,10 +132,11 @@ def report_data_counts(cfg: Config) -> Optional[dict]:
 
 def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np.ndarray],
                  resume_from: Optional[str], train_fn=None, job: Job = "pretrain",
-                 data_counts: Optional[dict] = None) -> TrainResult:
+                 data_counts: Optional[dict] = None, task_info: Optional[dict] = None) -> TrainResult:
     """Start the TorchTrainer on `datasets` (Ray Datasets, or in-memory block arrays) and export the
     result. `job` ('pretrain', 'finetune', 'distill') selects the loss and adapters in the loop;
-    `data_counts` (what was read and dropped) is saved as <output_dir>/data_stats.json."""
+    `data_counts` (what was read and dropped) is saved as <output_dir>/data_stats.json; `task_info`
+    is what the objective needs from the driver (tasks.task_for: a classifier's label names)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -151,7 +158,8 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
         train_fn or train_loop,
         train_loop_config={"config": cfg.to_dict(), "tokenizer": tokenizer,
                            "val_blocks": val_blocks if val_blocks is not None and len(val_blocks) else None,
-                           "resume_from": resume_from, "train_array": arrays.get("train"), "job": job},
+                           "resume_from": resume_from, "train_array": arrays.get("train"), "job": job,
+                           "task_info": task_info or {}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -341,7 +349,8 @@ def progress_line(m: dict, max_steps: int, eta_s: Optional[float]) -> str:
 (`step 60/200 | checkpoint saved | ETA …` for a checkpoint's)."""
     parts = [f"step {m['step']}/{max_steps}"]
     for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "val_ppl {:.1f}"),
-                     ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
+                     ("tokens_per_s", "{:,.0f} tok/s"), ("examples_per_s", "{:,.1f} examples/s"),
+                     ("mfu", "mfu {:.1%}")):
         if m.get(key) is not None:
             parts.append(fmt.format(m[key]))
     if m.get("checkpoint"):

@@ -69,14 +69,14 @@ def test_listing_errors_name_the_path(tmp_path):
         list_sources([str(tmp_path / "nothing-*")])
     with pytest.raises(DataError, match="does not exist"):
         list_sources([str(tmp_path / "missing.txt")])
-    write(tmp_path / "data.csv", b"a,b\n")
-    with pytest.raises(DataError, match="cannot infer the format of .*data.csv.*data.format"):
-        list_sources([str(tmp_path / "data.csv")])
-    assert list_sources([str(tmp_path / "data.csv")], "txt") == [f"{tmp_path.as_uri()}/data.csv"]
+    write(tmp_path / "data.xml", b"<a/>\n")  # .csv is a format now (classification records)
+    with pytest.raises(DataError, match="cannot infer the format of .*data.xml.*data.format"):
+        list_sources([str(tmp_path / "data.xml")])
+    assert list_sources([str(tmp_path / "data.xml")], "txt") == [f"{tmp_path.as_uri()}/data.xml"]
     with pytest.raises(DataError, match="no corpus files .* under"):
         list_sources([str(tmp_path)])
-    with pytest.raises(DataError, match="data.format='csv'"):
-        list_sources([str(tmp_path)], "csv")
+    with pytest.raises(DataError, match="data.format='xml'"):
+        list_sources([str(tmp_path)], "xml")
 
 
 def test_memory_filesystem(tmp_path):
@@ -226,5 +226,5 @@ def test_fine_tuning_records_are_read_by_the_corpus_readers(tmp_path, monkeypatc
     with pytest.raises(DataError, match="finetune.paths: .*missing.jsonl.* does not exist"):
         list(read_sft_records([str(tmp_path / "missing.jsonl")]))
     write(tmp_path / "notes.txt", b"plain text")
-    with pytest.raises(DataError, match="notes.txt is txt; fine-tuning records are JSONL, JSON or parquet"):
+    with pytest.raises(DataError, match="notes.txt is txt; fine-tuning records are JSONL, JSON, parquet or CSV"):
         list(read_sft_records([str(tmp_path / "notes.txt")]))

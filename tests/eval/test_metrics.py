@@ -142,3 +142,18 @@ def test_metrics_reject_mismatched_or_empty_inputs():
         bleu(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="no hypotheses"):
         rouge([], [])
+
+
+def test_classification_scores_are_scikit_learns_and_name_the_labels():
+    from llmos_ray.eval.metrics import classification_scores
+
+    y_true, y_pred = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 0]
+    s = classification_scores(y_true, y_pred, ["de", "en", "fr"])
+    assert s["accuracy"] == pytest.approx(4 / 6) and s["majority_baseline"] == pytest.approx(3 / 6)
+    assert s["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]  # rows: reference, columns: predicted
+    assert s["per_class"]["de"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                                    "f1": pytest.approx(2 / 3), "support": 3}
+    assert s["per_class"]["fr"]["precision"] == 0.0  # never predicted: 0, not an error
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.0) / 3)
+    multi = classification_scores([[1, 0], [1, 1]], [[1, 0], [1, 0]], ["a", "b"], multi_label=True)
+    assert multi["accuracy"] == 0.5 and multi["confusion_matrix"][1] == [[1, 0], [1, 0]]
