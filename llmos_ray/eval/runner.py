@@ -117,19 +117,21 @@ def _check(cfg: Config) -> None:
 
 
 def resolve_models(cfg: Config) -> list[dict]:
-    """One {"label", "source", "uri", "base_uri", "registry_name"} per eval.model entry; labels are
-    short (a registry name, a directory's name) and unique."""
+    """One {"label", "source", "uri", "base_uri", "registry_name", "registry_ref"} per eval.model entry;
+    labels are short (a library reference, a directory's name) and unique; registry_ref is the exact
+    version evaluated (NAME@N), which gets the results."""
     from llmos_ray.registry import default_name, resolve_source
 
     models, labels = [], set()
     for source in cfg.eval.model:
         uri, base, entry = resolve_source(source, cfg.registry.uri)  # a directory must be a model
-        label = base_label = entry["name"] if entry else default_name(source)
+        label = base_label = default_name(source, entry)  # a library reference as typed (tiny, tiny@2, tiny:prod)
         n = 1
         while label in labels:
             n += 1
             label = f"{base_label}-{n}"
         labels.add(label)
         models.append({"label": label, "source": source, "uri": uri, "base_uri": base,
-                       "registry_name": entry["name"] if entry else None})
+                       "registry_name": entry["name"] if entry else None,
+                       "registry_ref": entry["ref"] if entry else None})
     return models
