@@ -5,7 +5,7 @@
     /v1/completions                  openai.OpenAIRoutes.respond(COMPLETIONS, ...)
     /v1/chat/completions             openai.OpenAIRoutes.respond(CHAT, ...)
     /v1/stats                        the engines' counters (dispatch.ServedModels.stats)
-    /v1/apps, /v1/apps/{app}         prompt_apps
+    /v1/apps, /v1/apps/{app}         prompt_apps (apps from the app store, app_store.AppCatalog)
     /v2/...                          kserve.KServeRoutes (probes under /v2/health need no key)
 
 Request ids, API keys, the body limit, request metrics and the error shape are the middleware's
@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from llmos_ray.serve import prompt_apps
+from llmos_ray.serve.app_store import AppCatalog
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.kserve import KServeRoutes
 from llmos_ray.serve.middleware import Guard, context, install, metered, request_body, resolve_api_keys
@@ -44,6 +45,7 @@ class Ingress:
         self.models = ServedModels(specs, handles, settings["retry_after_s"])
         self.openai = OpenAIRoutes(self.models)
         self.kserve = KServeRoutes(self.models)
+        self.apps = AppCatalog(settings.get("registry"), settings.get("apps_refresh_s", 2.0))
         log.info("ingress for models %s; API keys %s", list(self.models.specs),
                  "required" if keys else "not required")
 
@@ -77,11 +79,11 @@ class Ingress:
 
     @api.get("/v1/apps", dependencies=metered("apps"))
     async def list_apps(self) -> Response:
-        return JSONResponse(prompt_apps.catalog())
+        return JSONResponse(await prompt_apps.catalog(self.apps))
 
     @api.post("/v1/apps/{app}", dependencies=metered(prompt_apps.route_name))
     async def run_app(self, app: str, request: Request, body: bytes = Depends(request_body)) -> Response:
-        return await prompt_apps.run(self.models, app, body, context(request))
+        return await prompt_apps.run(self.models, self.apps, app, body, context(request))
 
     # -- KServe v2 ---------------------------------------------------------------------------
 

@@ -1,140 +1,131 @@
-"""Ready-made apps over any served model: prompt templates with their own parameters.
+"""The app routes: the app store's apps over any served model.
 
-    GET  /v1/apps                      the catalogue below, with each app's parameters
+    GET  /v1/apps                      the catalogue (the latest version of each app, its parameters)
     POST /v1/apps/summarize            {"model": "tiny", "text": "...", "max_words": 40}
-    ->   {"app": "summarize", "model": "tiny", "output": "...", "finish_reason": "stop", "usage": {...}}
+    POST /v1/apps/haiku@2              a pinned version
+    ->   {"app": "summarize", "app_version": 1, "model": "tiny", "output": "...", "finish_reason": "stop",
+          "usage": {...}}                                       (+ "output_check" with an output schema)
 
 Every app also takes the sampling fields of /v1/chat/completions (max_tokens, temperature, top_p,
-seed, stop). The prompt is rendered as chat messages, so the model's chat template applies.
-`APPS` is the catalogue, `render` turns a request into messages, `run` answers a request.
+seed, stop), over its own sampling defaults. The prompt is the app's chat messages rendered with
+the request's parameters, so the model's chat template applies. With no "model", the app's
+default model is used when it is served (by that name, or a served version of that library
+model), else the one served model. The model's safety rules and the app's own both apply.
+Apps come from an `app_store.AppCatalog`, which picks up new and changed apps without a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from llmos_ray.errors import ConfigError
+from llmos_ray.serve.app_specs import AppSpec
+from llmos_ray.serve.app_store import AppCatalog, latest, pick
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import SamplingFields, new_id, read_json, usage, validate
-from llmos_ray.serve.types import APIError, GenerationRequest, bad_request
+from llmos_ray.serve.spec import ModelSpec
+from llmos_ray.serve.types import APIError, GenerationRequest
+
+_known: set[str] = set()
+"""App names of the latest catalogue read in this process (metrics label only known names)."""
+_context: dict[str, int] = {}
+"""Context length per served model, asked of a replica once."""
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str
-    type: type
-    description: str
-    required: bool = False
-    default: Any = None
-    choices: tuple = ()
-
-
-@dataclass(frozen=True)
-class App:
-    name: str
-    description: str
-    system: str
-    user: str
-    params: tuple[Param, ...]
-    temperature: float = 0.2
-    max_tokens: int = 256
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-                "parameters": [{"name": p.name, "type": p.type.__name__, "required": p.required,
-                                "default": p.default, "description": p.description,
-                                **({"choices": list(p.choices)} if p.choices else {})} for p in self.params]}
-
-
-APPS: dict[str, App] = {a.name: a for a in [
-    App("chat", "One turn of conversation with an optional system prompt.",
-        system="{system}", user="{message}", temperature=0.7,
-        params=(Param("message", str, "What the user says.", required=True),
-                Param("system", str, "System prompt.", default="You are a helpful assistant."))),
-    App("summarize", "Summarize a text in a bounded number of words.",
-        system="You summarize texts faithfully and concisely, without adding facts.",
-        user="Summarize the following text in at most {max_words} words{style}.\n\n{text}",
-        params=(Param("text", str, "The text to summarize.", required=True),
-                Param("max_words", int, "Upper bound on the summary's length in words.", default=60),
-                Param("style", str, "'paragraph' or 'bullets'.", default="paragraph",
-                      choices=("paragraph", "bullets")))),
-    App("translate", "Translate a text into another language.",
-        system="You are a professional translator. Reply with the translation only.",
-        user="Translate the following text from {source_language} to {target_language}.\n\n{text}",
-        params=(Param("text", str, "The text to translate.", required=True),
-                Param("target_language", str, "Language to translate into, e.g. 'French'.", required=True),
-                Param("source_language", str, "Language of the text.", default="the detected language"))),
-    App("code", "Write code for an instruction.",
-        system="You are an expert {language} programmer. Reply with code only, in one fenced code block.",
-        user="{instruction}",
-        params=(Param("instruction", str, "What the code should do.", required=True),
-                Param("language", str, "Programming language.", default="python"))),
-]}
-
-
-def catalog() -> dict[str, Any]:
-    return {"object": "list", "data": [a.describe() for a in APPS.values()]}
-
-
-def render(name: str, body: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """(chat messages, sampling defaults) for app `name` and its request body; 400 naming a bad field."""
-    if name not in APPS:
-        raise APIError(404, f"no app named {name!r}; available: {', '.join(APPS)}", param="app",
-                       code="app_not_found")
-    app = APPS[name]
-    values: dict[str, Any] = {}
-    for p in app.params:
-        value = body.get(p.name, p.default)
-        if value is None:
-            if p.required:
-                raise APIError(400, f"{p.name}: field required", param=p.name, code="missing_required_parameter")
-            continue
-        if p.type is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise bad_request(f"{p.name}: must be a positive integer, got {value!r}", p.name)
-        if p.type is str and (not isinstance(value, str) or (p.required and not value.strip())):
-            raise bad_request(f"{p.name}: must be a non-empty string, got {value!r}", p.name)
-        if p.choices and value not in p.choices:
-            raise bad_request(f"{p.name}: must be one of {list(p.choices)}, got {value!r}", p.name)
-        values[p.name] = value
-    if name == "summarize":
-        values["style"] = " as bullet points" if values.get("style") == "bullets" else ""
-    messages = [{"role": "system", "content": app.system.format(**values)},
-                {"role": "user", "content": app.user.format(**values)}]
-    return messages, {"temperature": app.temperature, "max_tokens": app.max_tokens}
+async def catalog(apps: AppCatalog) -> dict[str, Any]:
+    """GET /v1/apps: the latest version of every app (the library is re-read when it changed)."""
+    specs = latest(await asyncio.to_thread(apps.refresh))
+    _known.update(s.name for s in specs)
+    return {"object": "list", "data": [s.describe() for s in specs]}
 
 
 def route_name(request: Request) -> str:
-    """The metrics route of a request to /v1/apps/{app}: 'apps/<name>' for an app that exists."""
-    app = request.path_params.get("app")
-    return f"apps/{app}" if app in APPS else "apps"
+    """The metrics route of a request to /v1/apps/{app}: 'apps/<name>' for a known app."""
+    app = str(request.path_params.get("app", "")).partition("@")[0]
+    return f"apps/{app}" if app in _known else "apps"
 
 
-async def run(models: ServedModels, app: str, body: bytes, ctx: RequestContext) -> Response:
-    """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
-    data = read_json(body)
-    messages, defaults = render(app, data)
-    name = data.get("model")
-    if name is None and len(models.specs) == 1:  # one model served: an app needs no name for it
-        name = next(iter(models.specs))
-    elif name is None:
-        raise APIError(400, f"model: field required (served models: {', '.join(models.specs)})", param="model",
+async def find(apps: AppCatalog, ref: str) -> AppSpec:
+    """The app `ref` names, or a 404 naming the apps there are."""
+    current = await asyncio.to_thread(apps.refresh)
+    try:
+        spec = pick(current, ref)
+    except ConfigError as e:
+        raise APIError(404, str(e), param="app", code="app_not_found") from None
+    _known.add(spec.name)
+    return spec
+
+
+def choose_model(spec: AppSpec, requested: Any, models: ServedModels) -> str:
+    """The served model an app request runs on: the one asked for, else the app's default model
+    when it is served, else the one model served; 400 otherwise."""
+    if requested is not None:
+        return requested
+    served = models.specs
+    if spec.model is not None:
+        if spec.model in served:
+            return spec.model
+        wanted = spec.model.split("@")[0].split(":")[0]
+        same = [n for n, s in served.items() if (s.registry_entry or {}).get("name") == wanted]
+        if len(same) == 1:
+            return same[0]
+        raise APIError(400, f"model: app {spec.name!r} runs on model {spec.model!r}, which is not served here "
+                            f"(served: {', '.join(served)}); name one in \"model\"", param="model",
                        code="missing_required_parameter")
-    spec = models.get(name, ctx)
-    given = {k: v for k, v in data.items() if k in SamplingFields.model_fields}
-    fields = validate({**defaults, **given}, SamplingFields)
-    params = models.sampling_params(fields, spec, fields.max_tokens if "max_tokens" in given else None,
-                                    default=defaults["max_tokens"])
-    if models.input_blocked(spec, [m["content"] for m in messages]):
+    if len(served) == 1:
+        return next(iter(served))
+    raise APIError(400, f"model: field required (served models: {', '.join(served)})", param="model",
+                   code="missing_required_parameter")
+
+
+async def check_requirements(spec: AppSpec, model: ModelSpec, models: ServedModels) -> None:
+    """400 when the model does not meet the app's `requires` (task, min_context)."""
+    need = spec.requires
+    task = (model.registry_entry or {}).get("task") or "causal_lm"
+    if "task" in need and need["task"] != task:
+        raise APIError(400, f"model: app {spec.name!r} needs a {need['task']} model; {model.name!r} is {task}",
+                       param="model", code="model_not_suitable")
+    if "min_context" in need and model.engine == "transformers":
+        if model.name not in _context:
+            info = await asyncio.wait_for(models.handles[model.name].info.remote(), 10)
+            _context[model.name] = info["context_length"]
+        if _context[model.name] < need["min_context"]:
+            raise APIError(400, f"model: app {spec.name!r} needs a context of {need['min_context']} tokens; "
+                                f"{model.name!r} has {_context[model.name]}", param="model", code="model_not_suitable")
+
+
+async def run(models: ServedModels, apps: AppCatalog, app: str, body: bytes, ctx: RequestContext) -> Response:
+    """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
+    spec = await find(apps, app)
+    data = read_json(body)
+    name, values, given = spec.split(data)
+    messages = spec.render(values)
+    model = models.get(choose_model(spec, name, models), ctx)
+    await check_requirements(spec, model, models)
+    fields = validate({**spec.sampling, **given}, SamplingFields)
+    params = models.sampling_params(fields, model, fields.max_tokens if "max_tokens" in given else None,
+                                    default=spec.sampling.get("max_tokens"))
+    if spec.blocks_input(messages) or models.input_blocked(model, [m["content"] for m in messages]):
         text, finish, use = "", "content_filter", usage(0, 0)
     else:
-        result = await models.generate(spec, GenerationRequest(params=params, messages=messages))
-        (text, finish), = models.finish(spec, [result])
+        result = await models.generate(model, GenerationRequest(params=params, messages=messages))
+        (text, finish), = models.finish(model, [result])
+        text, finish = spec.screen_output(text, finish)
         use = usage(result.prompt_tokens, result.completion_tokens)
-    return JSONResponse({"id": new_id("app"), "object": "app.completion", "created": int(time.time()), "app": app,
-                         "model": spec.name, "output": text, "finish_reason": finish, "usage": use})
+    return JSONResponse(response(spec, model.name, text, finish, use))
+
+
+def response(spec: AppSpec, model: str, text: str, finish: str, use: dict, rid: Optional[str] = None) -> dict:
+    """The body of an app's answer (the SDK builds the same in-process)."""
+    out = {"id": rid or new_id("app"), "object": "app.completion", "created": int(time.time()), "app": spec.name,
+           "app_version": spec.version, "model": model, "output": text, "finish_reason": finish, "usage": use}
+    check = spec.check_output(text)
+    if check is not None:
+        out["output_check"] = check
+    return out
