@@ -25,7 +25,7 @@ _LAZY = {
     "evaluate": ("llmos_ray.eval", "evaluate"),
     "export": ("llmos_ray.train.checkpoint", "export"),
     "plan": ("llmos_ray.train.plan", "plan"),
-    "prune": ("llmos_ray.prune", "prune"),
+    "prune": ("llmos_ray.pruning", "prune"),
     "LLM": ("llmos_ray.sdk", "LLM"),
     "Chatbot": ("llmos_ray.sdk", "Chatbot"),
 }

@@ -252,7 +252,7 @@ def _chat_parser(sub) -> None:
 
 def cmd_prune(args) -> None:
     from llmos_ray.config import load_config
-    from llmos_ray.prune import prune, summary
+    from llmos_ray.pruning import prune, summary
 
     config = load_config(args.config, args.overrides) if args.config or args.overrides else None
     if args.registry:

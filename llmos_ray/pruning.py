@@ -2,6 +2,7 @@
 an export plain transformers loads and `llmos serve` serves, an optional recovery run, and a
 model library entry with its lineage.
 
+    from llmos_ray import prune
     report = prune("tiny:prod", "runs/tiny-pruned", sparsity=0.5)                 # unstructured
     report = prune("tiny", "runs/tiny-narrow", sparsity=0.5, structured=True)     # MLP neurons removed
     llmos prune tiny runs/tiny-pruned --sparsity 0.5 [--structured] [--recover-steps 50] [--register tiny-pruned]
