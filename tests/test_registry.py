@@ -109,6 +109,12 @@ def test_serving_loads_an_export_from_s3(s3, tiny_model_dir, tmp_path, monkeypat
     monkeypatch.setenv("LLMOS_CACHE", str(tmp_path / "cache"))
     local = localize(f"s3://{bucket}/exports/tiny")
     assert sorted(os.listdir(local)) == sorted(os.listdir(tiny_model_dir))
+    from llmos_ray import LLM
+    from tests.serve.reference import greedy
+
+    with LLM.from_pretrained(f"s3://{bucket}/exports/tiny") as llm:  # the SDK loads it as serving does
+        assert llm.generate("def main():", max_tokens=4, temperature=0) == greedy(tiny_model_dir, "def main():",
+                                                                                  max_new_tokens=4)
 
 
 def test_cli_models_commands(tiny_model_dir, tmp_path, capsys):
