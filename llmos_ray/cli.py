@@ -288,7 +288,12 @@ def _cluster_parser(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     from llmos_ray.errors import find_ours
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `llmos prune MODEL OUT -c F k=v`: overrides after an option still count as overrides
+        if getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _setup_logging(args.log_level.upper(), args.verbose)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:

@@ -137,8 +137,8 @@ def test_structured_pruning_removes_mlp_neurons(library, capsys):
 
     out = str(library["tmp"] / "narrow")
     val = library["config"].eval.perplexity_paths[0]
-    assert main(["prune", "tiny@1", out, f"eval.perplexity_paths=[{val}]", "--sparsity", "0.5", "--structured",
-                 "--registry", library["registry"]]) == 0
+    assert main(["prune", "tiny@1", out, "--sparsity", "0.5", "--structured", "--registry", library["registry"],
+                 f"eval.perplexity_paths=[{val}]"]) == 0  # overrides after the options count too
     printed = capsys.readouterr().out
     assert "perplexity" in printed and f"serve --model {out}" in printed
     with open(os.path.join(out, "prune_report.json")) as f:
