@@ -5,6 +5,10 @@
     result = llmos_ray.pretrain(cfg)          # Ray Train + DeepSpeed ZeRO
     print(result.export_dir)                  # a plain Hugging Face model directory
 
+    from llmos_ray import LLM, Chatbot        # the SDK: a model in this process or behind a server
+    chatbot = Chatbot(LLM.from_pretrained(result.export_dir))
+    print(chatbot.generate_response("Hello"))
+
 Heavy dependencies (ray, torch, deepspeed) load on first use of the function that needs them.
 """
 
@@ -21,6 +25,9 @@ _LAZY = {
     "evaluate": ("llmos_ray.eval", "evaluate"),
     "export": ("llmos_ray.train.checkpoint", "export"),
     "plan": ("llmos_ray.train.plan", "plan"),
+    "prune": ("llmos_ray.pruning", "prune"),
+    "LLM": ("llmos_ray.sdk", "LLM"),
+    "Chatbot": ("llmos_ray.sdk", "Chatbot"),
 }
 
 

@@ -7,6 +7,9 @@ import logging
 import os
 import sys
 
+from llmos_ray.library_cli import add_library_parsers
+from llmos_ray.runtime import command
+
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config file (see jobs/configs/)")
@@ -79,21 +82,6 @@ def _resume_hint(cfg, job: str) -> str:
         return f"No checkpoint of run {resolved.run.name!r} was complete yet; `{again}` starts it again."
     return (f"The last complete checkpoint of run {resolved.run.name!r} is step {ckpt.step} ({ckpt.uri}); "
             f"`{again}` resumes from it (run.resume=auto).")
-
-
-def command() -> str:
-    """How a user's shell reaches this `llmos`: `llmos` when that is on PATH and is this one, else
-    its path (e.g. .venv/bin/llmos after `make run`, whose virtualenv is not activated)."""
-    import shutil
-
-    script = os.path.join(os.path.dirname(sys.executable), "llmos")
-    found = shutil.which("llmos")
-    if found and os.path.realpath(found) == os.path.realpath(script):
-        return "llmos"
-    if os.path.exists(script):
-        relative = os.path.relpath(script)
-        return relative if not relative.startswith("..") else script
-    return f"{sys.executable} -m llmos_ray.cli"
 
 
 def cmd_runs(args) -> None:
@@ -196,46 +184,6 @@ def cmd_cluster(args) -> None:
         print(cluster.describe(running) if running else "no local llmos cluster is running")
 
 
-def cmd_models(args) -> None:
-    import json
-
-    from llmos_ray import registry
-
-    uri = args.registry
-    if uri is None and args.config:
-        from llmos_ray.config import load_config
-
-        uri = load_config(args.config).registry.uri
-    if args.action == "list":
-        entries = registry.list_models(uri)
-        if not entries:
-            print(f"no models in {registry.registry_uri(uri)}; add one: {command()} models register NAME DIR")
-            return
-        print(f"{'name':24} {'family':10} {'task':14} {'size':6} {'params':>7}  {'registered':25} uri")
-        for e in entries:
-            evals = ", ".join(f"{k}={v}" for k, v in e.eval.items())
-            params = registry.human_count(registry.parameter_count(e.uri))
-            print(f"{e.name:24} {e.family or '-':10} {e.task or 'causal_lm':14} {e.size or '-':6} {params:>7}  "
-                  f"{e.created:25} {e.uri}" + (f"  [{evals}]" if evals else ""))
-    elif args.action == "register":
-        from llmos_ray.errors import ConfigError
-
-        try:
-            meta = json.loads(args.meta) if args.meta else {}
-            evals = json.loads(args.eval) if args.eval else None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--eval and --meta take JSON objects: {e}") from None
-        e = registry.register(args.name, args.uri, family=args.family, size=args.size, source_run=args.source_run,
-                              eval=evals, overwrite=args.overwrite, registry=uri, task=args.task, **meta)
-        print(f"registered {e.name} -> {e.uri} in {registry.registry_uri(uri)}\n"
-              f"serve it: {command()} serve --model {e.name}")
-    elif args.action == "remove":
-        e = registry.remove(args.name, uri)
-        print(f"removed {e.name} (was {e.uri}); the model files were not touched")
-    else:
-        print(json.dumps(registry.get(args.name, uri).to_dict(), indent=2))
-
-
 CONFIG_COMMANDS = (
     ("pretrain", "pretrain with Ray Train + DeepSpeed ZeRO", cmd_pretrain),
     ("finetune", "supervised fine-tuning (full or LoRA) on instruction data", cmd_finetune),
@@ -295,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _serving_parsers(sub)
     _cluster_parser(sub)
-    _models_parser(sub)
+    add_library_parsers(sub)
     return parser
 
 
@@ -337,33 +285,15 @@ def _cluster_parser(sub) -> None:
         c.set_defaults(func=cmd_cluster)
 
 
-def _models_parser(sub) -> None:
-    models = sub.add_parser("models", help="the model library: named models").add_subparsers(dest="action",
-                                                                                               required=True)
-    for action, text in (("list", "list registered models"), ("register", "add a model"),
-                         ("remove", "delete an entry (not the files)"), ("show", "print one entry as JSON")):
-        m = models.add_parser(action, help=text)
-        m.add_argument("--registry", help="registry file or URI (default $LLMOS_REGISTRY, ~/.llmos/models.json)")
-        m.add_argument("--config", "-c", help="YAML config whose registry.uri to use")
-        if action != "list":
-            m.add_argument("name", help="model name (letters, digits, '.', '_', '-')")
-        if action == "register":
-            m.add_argument("uri", help="export or adapter directory, or an fsspec URI (s3://...)")
-            m.add_argument("--family")
-            m.add_argument("--task", choices=["causal_lm", "classification", "masked_lm", "seq2seq"],
-                           help="what the model does (default: read from its config.json)")
-            m.add_argument("--size")
-            m.add_argument("--source-run")
-            m.add_argument("--eval", help="evaluation results as JSON, e.g. '{\"perplexity\": 41.2}'")
-            m.add_argument("--meta", help="extra metadata as a JSON object")
-            m.add_argument("--overwrite", action="store_true", help="replace an existing entry")
-        m.set_defaults(func=cmd_models)
-
-
 def main(argv: list[str] | None = None) -> int:
     from llmos_ray.errors import find_ours
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `llmos prune MODEL OUT -c F k=v`: overrides after an option still count as overrides
+        if getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _setup_logging(args.log_level.upper(), args.verbose)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:

@@ -396,13 +396,16 @@ class ServeConfig(ServedModelOptions):
     """Requests one HTTP ingress replica handles at once before the proxy answers 503."""
     model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-model overrides of the 'Per model' keys by served name, e.g. {tiny: {max_replicas: 4, quantize: int8}}."""
+    apps_refresh_s: float = 2.0
+    """How often (seconds, at most) a running server re-checks the model library for new or changed apps."""
 
     def validate(self, where: str = "serve") -> None:
         for key in ("port", "max_request_bytes", "ingress_max_ongoing_requests"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"serve.{key} must be > 0, got {getattr(self, key)}")
-        if self.retry_after_s < 0:
-            raise ConfigError(f"serve.retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.retry_after_s < 0 or self.apps_refresh_s < 0:
+            raise ConfigError(f"serve.retry_after_s and serve.apps_refresh_s must be >= 0, got {self.retry_after_s} "
+                              f"and {self.apps_refresh_s}")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
         super().validate(where)

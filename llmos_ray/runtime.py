@@ -9,6 +9,7 @@ multiple active Ray instances" or queries the wrong one. To use a running cluste
 Where output goes (`run_log`): while a command works on a run, everything Ray, DeepSpeed, wandb
 and our own INFO logs say — in this process and in every worker of a Ray we started — is appended
 to the run's `llmos.log`; the console keeps progress lines, warnings and errors (`verbose`: all).
+`command()` is how the user's shell reaches `llmos`, for the next commands that output suggests.
 """
 
 from __future__ import annotations
@@ -228,3 +229,18 @@ def worker_resources(cpus_per_worker: float | None, num_workers: int, use_gpu: b
     if use_gpu:
         res["GPU"] = 1
     return res
+
+
+def command() -> str:
+    """How a user's shell reaches this `llmos`: `llmos` when that is on PATH and is this one, else
+    its path (e.g. .venv/bin/llmos after `make run`, whose virtualenv is not activated)."""
+    import shutil
+
+    script = os.path.join(os.path.dirname(sys.executable), "llmos")
+    found = shutil.which("llmos")
+    if found and os.path.realpath(found) == os.path.realpath(script):
+        return "llmos"
+    if os.path.exists(script):
+        relative = os.path.relpath(script)
+        return relative if not relative.startswith("..") else script
+    return f"{sys.executable} -m llmos_ray.cli"

@@ -97,6 +97,8 @@ def test_quickstart_notebook_trains_finetunes_evaluates_and_serves(only_ray_on_t
     # Serving: the fine-tuned export answered through the OpenAI API.
     assert summary["served"] == {"quickstart": str(finetune_export)} and summary["served_model"] == "quickstart"
     assert isinstance(summary["answer"], str) and summary["answer"].strip() and summary["completion_tokens"] > 0
+    # The SDK: the design documents' three lines on the fine-tuned export, and the same greedy answer over HTTP.
+    assert isinstance(summary["sdk_response"], str) and summary["sdk_same_greedy"] is True
 
 
 @pytest.mark.slow

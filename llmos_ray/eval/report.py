@@ -58,7 +58,7 @@ def write_generations(report: dict, label: str, rows: list[dict], examples: list
 
 def summarize_model(model: dict, rows: list[dict], examples: list[dict], has_documents: bool) -> dict:
     """One model's figures from its output rows."""
-    result: dict[str, Any] = {k: model[k] for k in ("source", "uri", "base_uri", "registry_name")}
+    result: dict[str, Any] = {k: model.get(k) for k in ("source", "uri", "base_uri", "registry_name", "registry_ref")}
     result["device"] = sorted({str(r["device"]) for r in rows})
     docs = [r for r in rows if r["kind"] == "ppl"]
     if has_documents:
@@ -110,11 +110,12 @@ def flat_results(result: dict) -> dict[str, float]:
 
 
 def attach_to_registry(report: dict, cfg: Config) -> None:
-    """Merge each registry-named model's headline figures (and where the report is) into its entry."""
+    """Merge each registry-named model's headline figures (and where the report is) into the entry of
+    the version evaluated."""
     from llmos_ray import registry
 
     for result in report["models"].values():
-        name = result.get("registry_name")
+        name = result.get("registry_ref") or result.get("registry_name")
         if name:
             registry.attach_eval(name, {**flat_results(result), "eval_report": report["report_path"],
                                         "evaluated": report["created"]}, cfg.registry.uri)

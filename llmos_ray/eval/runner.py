@@ -135,14 +135,15 @@ def _check(cfg: Config) -> None:
 
 
 def resolve_models(cfg: Config) -> list[dict]:
-    """One {"label", "source", "uri", "base_uri", "registry_name", "task"} per eval.model entry; labels
-    are short (a registry name, a directory's name) and unique."""
+    """One {"label", "source", "uri", "base_uri", "registry_name", "registry_ref", "task"} per eval.model
+    entry; labels are short (a library reference, a directory's name) and unique; registry_ref is the
+    exact version evaluated (NAME@N), which gets the results."""
     from llmos_ray.registry import default_name, model_task_of, resolve_source
 
     models, labels = [], set()
     for source in cfg.eval.model:
         uri, base, entry = resolve_source(source, cfg.registry.uri)  # a directory must be a model
-        label = base_label = entry["name"] if entry else default_name(source)
+        label = base_label = default_name(source, entry)  # a library reference as typed (tiny, tiny@2, tiny:prod)
         n = 1
         while label in labels:
             n += 1
@@ -153,5 +154,6 @@ def resolve_models(cfg: Config) -> list[dict]:
             raise ConfigError(f"model {source!r} is a {task} model: evaluation scores causal LMs (perplexity, "
                               "generation tasks) and classifiers; fine-tune it first (finetune.task=classification)")
         models.append({"label": label, "source": source, "uri": uri, "base_uri": base,
-                       "registry_name": entry["name"] if entry else None, "task": task})
+                       "registry_name": entry["name"] if entry else None,
+                       "registry_ref": entry["ref"] if entry else None, "task": task})
     return models

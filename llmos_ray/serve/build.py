@@ -21,6 +21,7 @@ from ray.serve.config import BackpressureConfig
 
 from llmos_ray.config import Config, ServeConfig, all_keys, from_dict, load_config
 from llmos_ray.errors import ConfigError
+from llmos_ray.registry import registry_uri
 from llmos_ray.schema import set_dotted, yaml_value
 from llmos_ray.serve.classifier import classifier_deployment
 from llmos_ray.serve.ingress import IngressDeployment
@@ -82,7 +83,8 @@ def build_app(config: Union[Config, ServeConfig, dict, str, None] = None):
             handles[spec.name] = vllm_deployment(spec) if spec.engine == "vllm" else model_deployment(spec)
     s = cfg.serve
     settings = {"api_keys": resolve_api_keys(s.api_keys, s.api_keys_file), "api_keys_file": s.api_keys_file,
-                "max_request_bytes": s.max_request_bytes, "retry_after_s": s.retry_after_s}
+                "max_request_bytes": s.max_request_bytes, "retry_after_s": s.retry_after_s,
+                "registry": registry_uri(cfg.registry.uri), "apps_refresh_s": s.apps_refresh_s}
     ingress = serve.deployment(IngressDeployment).options(
         name="ingress", max_ongoing_requests=s.ingress_max_ongoing_requests,
         max_queued_requests=s.ingress_max_ongoing_requests,

@@ -5,7 +5,7 @@
     /v1/completions                  openai.OpenAIRoutes.respond(COMPLETIONS, ...)
     /v1/chat/completions             openai.OpenAIRoutes.respond(CHAT, ...)
     /v1/stats                        the engines' counters (dispatch.ServedModels.stats)
-    /v1/apps, /v1/apps/{app}         prompt_apps
+    /v1/apps, /v1/apps/{app}         prompt_apps (apps from the app store, app_store.AppCatalog)
     /v1/classify                     classify.ClassifyRoutes (classifier models)
     /v2/...                          kserve.KServeRoutes (probes under /v2/health need no key)
 
@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from llmos_ray.serve import prompt_apps
+from llmos_ray.serve.app_store import AppCatalog, builtin_apps
 from llmos_ray.serve.classify import ClassifyRequest, ClassifyRoutes
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.kserve import GenerateBody, InferBody, KServeRoutes
@@ -39,7 +40,7 @@ REQUEST_MODELS: dict[str, type] = {
     "/v1/completions": COMPLETIONS.request_model,
     "/v1/chat/completions": CHAT.request_model,
     "/v1/classify": ClassifyRequest,
-    **{f"/v1/apps/{name}": app.request_model for name, app in prompt_apps.APPS.items()},
+    **{f"/v1/apps/{name}": prompt_apps.request_model(app) for name, app in builtin_apps().items()},
     "/v2/models/{name}/infer": InferBody,
     "/v2/models/{name}/versions/{version}/infer": InferBody,
     "/v2/models/{name}/generate": GenerateBody,
@@ -61,6 +62,7 @@ class Ingress:
         self.openai = OpenAIRoutes(self.models)
         self.kserve = KServeRoutes(self.models)
         self.classify = ClassifyRoutes(self.models)
+        self.apps = AppCatalog(settings.get("registry"), settings.get("apps_refresh_s", 2.0))
         log.info("ingress for models %s; API keys %s", list(self.models.specs),
                  "required" if keys else "not required")
 
@@ -98,11 +100,11 @@ class Ingress:
 
     @api.get("/v1/apps", dependencies=metered("apps"))
     async def list_apps(self) -> Response:
-        return JSONResponse(prompt_apps.catalog())
+        return JSONResponse(await prompt_apps.catalog(self.apps))
 
     @api.post("/v1/apps/{app}", dependencies=metered(prompt_apps.route_name))
     async def run_app(self, app: str, request: Request, body: bytes = Depends(request_body)) -> Response:
-        return await prompt_apps.run(self.models, app, body, context(request))
+        return await prompt_apps.run(self.models, self.apps, app, body, context(request))
 
     # -- KServe v2 ---------------------------------------------------------------------------
 

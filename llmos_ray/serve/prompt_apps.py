@@ -1,157 +1,172 @@
-"""Ready-made apps over any served model: prompt templates with their own parameters.
+"""The app routes: the app store's apps over any served model.
 
-    GET  /v1/apps                      the catalogue below, with each app's parameters
+    GET  /v1/apps                      the catalogue (the latest version of each app, its parameters)
     POST /v1/apps/summarize            {"model": "tiny", "text": "...", "max_words": 40}
-    ->   {"app": "summarize", "model": "tiny", "output": "...", "finish_reason": "stop", "usage": {...}}
+    POST /v1/apps/haiku@2              a pinned version
+    ->   {"app": "summarize", "app_version": 1, "model": "tiny", "output": "...", "finish_reason": "stop",
+          "usage": {...}}                                       (+ "output_check" with an output schema)
 
 Every app also takes the sampling fields of /v1/chat/completions (max_tokens, temperature, top_p,
-seed, stop). The prompt is rendered as chat messages, so the model's chat template applies.
-`APPS` is the catalogue; each app's body is validated by its own strict request model
-(`App.request_model`: its parameters and the sampling fields; an optional parameter sent as null
-is absent); `render` turns a request into messages, `run` answers a request.
+seed, stop), over its own sampling defaults. The prompt is the app's chat messages rendered with
+the request's parameters, so the model's chat template applies. With no "model", the app's
+default model is used when it is served (by that name, or a served version of that library
+model), else the one served model. The model's safety rules and the app's own both apply.
+Apps come from an `app_store.AppCatalog`, which picks up new and changed apps without a restart.
+A body is read by the one validation layer into the app's strict request model (`request_model`:
+`model`, its parameters with their types and bounds, the sampling fields); a parameter sent as
+null is absent (its default applies).
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import time
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, Field, create_model
 
+from llmos_ray.errors import ConfigError
+from llmos_ray.serve.app_specs import AppSpec, Param
+from llmos_ray.serve.app_store import AppCatalog, latest, pick
 from llmos_ray.serve.classify import require_generative
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import SamplingFields, new_id, usage
+from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import APIError, GenerationRequest
-from llmos_ray.serve.validation import parse_body, shown
+from llmos_ray.serve.validation import parse_body, validate
 
-MAX_INT_PARAM = 100_000
-"""Largest value of an app's integer parameter (e.g. summarize's max_words)."""
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    type: type
-    description: str
-    required: bool = False
-    default: Any = None
-    choices: tuple = ()
-
-
-@dataclass(frozen=True)
-class App:
-    name: str
-    description: str
-    system: str
-    user: str
-    params: tuple[Param, ...]
-    temperature: float = 0.2
-    max_tokens: int = 256
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-                "parameters": [{"name": p.name, "type": p.type.__name__, "required": p.required,
-                                "default": p.default, "description": p.description,
-                                **({"choices": list(p.choices)} if p.choices else {})} for p in self.params]}
-
-    @functools.cached_property
-    def request_model(self) -> type[BaseModel]:
-        """The strict model of this app's request body: `model`, its parameters, the sampling fields."""
-        fields: dict[str, Any] = {"model": (Optional[str], None)}
-        for p in self.params:
-            kind: Any = (Literal[p.choices] if p.choices else  # type: ignore[valid-type]
-                         Annotated[int, Field(ge=1, le=MAX_INT_PARAM)] if p.type is int else
-                         Annotated[str, AfterValidator(_not_blank)] if p.required else str)
-            fields[p.name] = (kind, ...) if p.required else (Optional[kind], None)
-        return create_model(f"{self.name.title()}AppRequest", __base__=SamplingFields, **fields)
-
-
-APPS: dict[str, App] = {a.name: a for a in [
-    App("chat", "One turn of conversation with an optional system prompt.",
-        system="{system}", user="{message}", temperature=0.7,
-        params=(Param("message", str, "What the user says.", required=True),
-                Param("system", str, "System prompt.", default="You are a helpful assistant."))),
-    App("summarize", "Summarize a text in a bounded number of words.",
-        system="You summarize texts faithfully and concisely, without adding facts.",
-        user="Summarize the following text in at most {max_words} words{style}.\n\n{text}",
-        params=(Param("text", str, "The text to summarize.", required=True),
-                Param("max_words", int, "Upper bound on the summary's length in words.", default=60),
-                Param("style", str, "'paragraph' or 'bullets'.", default="paragraph",
-                      choices=("paragraph", "bullets")))),
-    App("translate", "Translate a text into another language.",
-        system="You are a professional translator. Reply with the translation only.",
-        user="Translate the following text from {source_language} to {target_language}.\n\n{text}",
-        params=(Param("text", str, "The text to translate.", required=True),
-                Param("target_language", str, "Language to translate into, e.g. 'French'.", required=True),
-                Param("source_language", str, "Language of the text.", default="the detected language"))),
-    App("code", "Write code for an instruction.",
-        system="You are an expert {language} programmer. Reply with code only, in one fenced code block.",
-        user="{instruction}",
-        params=(Param("instruction", str, "What the code should do.", required=True),
-                Param("language", str, "Programming language.", default="python"))),
-]}
-
-
-def catalog() -> dict[str, Any]:
-    return {"object": "list", "data": [a.describe() for a in APPS.values()]}
+_known: set[str] = set()
+"""App names of the latest catalogue read in this process (metrics label only known names)."""
+_context: dict[str, int] = {}
+"""Context length per served model, asked of a replica once."""
+_models: dict[str, type[BaseModel]] = {}
+"""Request models by app version and parameters (an app's request model is built once)."""
+_SCALARS = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list[str]}
 
 
 def _not_blank(value: str) -> str:
     if not value.strip():
-        raise ValueError("must not be empty")
+        raise ValueError("must be a non-empty string")
     return value
 
 
-def app_named(name: str) -> App:
-    """The app `name`, or APIError 404 naming the apps there are."""
-    if name not in APPS:
-        raise APIError(404, f"no app named {shown(name)}; available: {', '.join(APPS)}", param="app",
-                       code="app_not_found")
-    return APPS[name]
+def _field(p: Param) -> tuple[Any, Any]:
+    """A parameter as a pydantic field: its type, choices, bounds and length; optional ones nullable."""
+    if p.enum:
+        kind: Any = Literal[tuple(p.enum)]  # type: ignore[valid-type]
+    else:
+        bounds = {k: v for k, v in (("ge", p.minimum), ("le", p.maximum), ("max_length", p.max_length))
+                  if v is not None}
+        kind = Annotated[_SCALARS[p.type], Field(**bounds)] if bounds else _SCALARS[p.type]
+        if p.type == "string" and p.required:
+            kind = Annotated[kind, AfterValidator(_not_blank)]
+    required = p.required and p.default is None
+    return (kind, ...) if required else (Optional[kind], None)
 
 
-def render(app: App, req: BaseModel) -> list[dict[str, str]]:
-    """The chat messages of a validated request to `app` (absent or null parameters take their default)."""
-    values = {p.name: getattr(req, p.name) if getattr(req, p.name) is not None else p.default for p in app.params}
-    if app.name == "summarize":
-        values["style"] = " as bullet points" if values.get("style") == "bullets" else ""
-    return [{"role": "system", "content": app.system.format(**values)},
-            {"role": "user", "content": app.user.format(**values)}]
+def request_model(spec: AppSpec) -> type[BaseModel]:
+    """The strict model of a request body to app `spec`: `model`, its parameters, the sampling fields."""
+    key = f"{spec.name}@{spec.version}:{spec.parameters!r}"
+    if key not in _models:
+        fields = {p.name: _field(p) for p in spec.parameters}
+        name = "".join(part.title() for part in spec.name.replace("-", "_").split("_")) + "AppRequest"
+        _models[key] = create_model(name, __base__=SamplingFields, model=(Optional[str], None), **fields)
+    return _models[key]
+
+
+async def catalog(apps: AppCatalog) -> dict[str, Any]:
+    """GET /v1/apps: the latest version of every app (the library is re-read when it changed)."""
+    specs = latest(await asyncio.to_thread(apps.refresh))
+    _known.update(s.name for s in specs)
+    return {"object": "list", "data": [s.describe() for s in specs]}
 
 
 def route_name(request: Request) -> str:
-    """The metrics route of a request to /v1/apps/{app}: 'apps/<name>' for an app that exists."""
-    app = request.path_params.get("app")
-    return f"apps/{app}" if app in APPS else "apps"
+    """The metrics route of a request to /v1/apps/{app}: 'apps/<name>' for a known app."""
+    app = str(request.path_params.get("app", "")).partition("@")[0]
+    return f"apps/{app}" if app in _known else "apps"
 
 
-async def run(models: ServedModels, app: str, body: bytes, ctx: RequestContext) -> Response:
-    """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
-    spec_app = app_named(app)
-    req = parse_body(body, spec_app.request_model)
-    messages = render(spec_app, req)
-    name = req.model
-    if name is None and len(models.specs) == 1:  # one model served: an app needs no name for it
-        name = next(iter(models.specs))
-    elif name is None:
-        raise APIError(400, f"model: field required (served models: {', '.join(models.specs)})", param="model",
+async def find(apps: AppCatalog, ref: str) -> AppSpec:
+    """The app `ref` names, or a 404 naming the apps there are."""
+    current = await asyncio.to_thread(apps.refresh)
+    try:
+        spec = pick(current, ref)
+    except ConfigError as e:
+        raise APIError(404, str(e), param="app", code="app_not_found") from None
+    _known.add(spec.name)
+    return spec
+
+
+def choose_model(spec: AppSpec, requested: Any, models: ServedModels) -> str:
+    """The served model an app request runs on: the one asked for, else the app's default model
+    when it is served, else the one model served; 400 otherwise."""
+    if requested is not None:
+        return requested
+    served = models.specs
+    if spec.model is not None:
+        if spec.model in served:
+            return spec.model
+        wanted = spec.model.split("@")[0].split(":")[0]
+        same = [n for n, s in served.items() if (s.registry_entry or {}).get("name") == wanted]
+        if len(same) == 1:
+            return same[0]
+        raise APIError(400, f"model: app {spec.name!r} runs on model {spec.model!r}, which is not served here "
+                            f"(served: {', '.join(served)}); name one in \"model\"", param="model",
                        code="missing_required_parameter")
-    spec = models.get(name, ctx)
-    require_generative(spec)
-    if "temperature" not in req.model_fields_set:
-        req = req.model_copy(update={"temperature": spec_app.temperature})
-    params = models.sampling_params(req, spec, req.max_tokens, default=spec_app.max_tokens)
-    if models.input_blocked(spec, [m["content"] for m in messages]):
+    if len(served) == 1:
+        return next(iter(served))
+    raise APIError(400, f"model: field required (served models: {', '.join(served)})", param="model",
+                   code="missing_required_parameter")
+
+
+async def check_requirements(spec: AppSpec, model: ModelSpec, models: ServedModels) -> None:
+    """400 when the model does not meet the app's `requires` (task, min_context)."""
+    need = spec.requires
+    task = (model.registry_entry or {}).get("task") or "causal_lm"
+    if "task" in need and need["task"] != task:
+        raise APIError(400, f"model: app {spec.name!r} needs a {need['task']} model; {model.name!r} is {task}",
+                       param="model", code="model_not_suitable")
+    if "min_context" in need and model.engine == "transformers":
+        if model.name not in _context:
+            info = await asyncio.wait_for(models.handles[model.name].info.remote(), 10)
+            _context[model.name] = info["context_length"]
+        if _context[model.name] < need["min_context"]:
+            raise APIError(400, f"model: app {spec.name!r} needs a context of {need['min_context']} tokens; "
+                                f"{model.name!r} has {_context[model.name]}", param="model", code="model_not_suitable")
+
+
+async def run(models: ServedModels, apps: AppCatalog, app: str, body: bytes, ctx: RequestContext) -> Response:
+    """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
+    spec = await find(apps, app)
+    req = parse_body(body, request_model(spec))
+    messages = spec.render({p.name: getattr(req, p.name) for p in spec.parameters})
+    model = models.get(choose_model(spec, req.model, models), ctx)
+    require_generative(model)
+    await check_requirements(spec, model, models)
+    given = {k for k in req.model_fields_set if k in SamplingFields.model_fields}
+    defaults = validate(spec.sampling, SamplingFields, prefix="sampling")
+    fields = req.model_copy(update={k: getattr(defaults, k) for k in spec.sampling if k not in given})
+    params = models.sampling_params(fields, model, fields.max_tokens if "max_tokens" in given else None,
+                                    default=spec.sampling.get("max_tokens"))
+    if spec.blocks_input(messages) or models.input_blocked(model, [m["content"] for m in messages]):
         text, finish, use = "", "content_filter", usage(0, 0)
     else:
-        result = await models.generate(spec, GenerationRequest(params=params, messages=messages))
-        (text, finish), = models.finish(spec, [result])
+        result = await models.generate(model, GenerationRequest(params=params, messages=messages))
+        (text, finish), = models.finish(model, [result])
+        text, finish = spec.screen_output(text, finish)
         use = usage(result.prompt_tokens, result.completion_tokens)
-    return JSONResponse({"id": new_id("app"), "object": "app.completion", "created": int(time.time()), "app": app,
-                         "model": spec.name, "output": text, "finish_reason": finish, "usage": use})
+    return JSONResponse(response(spec, model.name, text, finish, use))
+
+
+def response(spec: AppSpec, model: str, text: str, finish: str, use: dict, rid: Optional[str] = None) -> dict:
+    """The body of an app's answer (the SDK builds the same in-process)."""
+    out = {"id": rid or new_id("app"), "object": "app.completion", "created": int(time.time()), "app": spec.name,
+           "app_version": spec.version, "model": model, "output": text, "finish_reason": finish, "usage": use}
+    check = spec.check_output(text)
+    if check is not None:
+        out["output_check"] = check
+    return out

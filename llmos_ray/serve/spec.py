@@ -18,7 +18,7 @@ from llmos_ray.errors import ConfigError
 from llmos_ray.registry import default_name, model_task_of, resolve_source
 from llmos_ray.schema import coerce
 
-SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 SERVABLE_TASKS = ("causal_lm", "classification")
 
 
@@ -59,10 +59,10 @@ def resolve_models(config: Config) -> list[ModelSpec]:
     for item in serve.models:
         name, source = _split(item)
         uri, base, entry = resolve_source(source, config.registry.uri)
-        name = name or (entry["name"] if entry else default_name(source))
+        name = name or default_name(source, entry)  # a library reference is served as typed (tiny@2, tiny:prod)
         if not SERVED_NAME_RE.match(name):
-            raise ConfigError(f"served model name {name!r} is not valid: use letters, digits, '.', '_', ':' or '-' "
-                              f"(set one with NAME={source})")
+            raise ConfigError(f"served model name {name!r} is not valid: use letters, digits, '.', '_', ':', '@' "
+                              f"or '-' (set one with NAME={source})")
         if any(s.name == name for s in specs):
             raise ConfigError(f"two serve.models entries are both served as {name!r}; name one with NAME=SOURCE")
         task = (entry or {}).get("task") or model_task_of(uri)

@@ -77,7 +77,16 @@ def distill(cfg: Config) -> TrainResult:
 
 
 def _with_base(cfg: Config) -> Config:
+    """model.base checked (a model directory, a hub id) or resolved (a model library reference: NAME,
+    NAME@N, NAME:ALIAS), defaulting to the `llmos pretrain` export."""
+    from llmos_ray import registry
+
     base = cfg.model.base
+    if base is not None and registry.is_ref(base) and not os.path.exists(base) and \
+            registry.parse_ref(base).name in registry.read_library(cfg.registry.uri)["models"]:
+        uri, _, entry = registry.resolve_source(base, cfg.registry.uri)
+        log.info("model.base %s is %s (%s)", base, uri, entry["ref"])
+        cfg.model.base = base = uri
     if base is not None and (base.startswith(("/", ".", "~")) or os.path.exists(base)) \
             and not os.path.isfile(os.path.join(os.path.expanduser(base), "config.json")):
         raise ModelError(f"model.base={base!r} is not a model directory (no config.json); give an export "

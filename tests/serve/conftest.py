@@ -6,8 +6,8 @@ behind one ingress:
   tiny     the tiny model, served by its registry name; input blocklist ['forbiddenword']
   lora     a LoRA adapter directory over the tiny model; small limits (max_tokens 16, at most 4
            running + 4 queued), so that fuzzed requests that happen to be valid stay cheap
-  guarded  the tiny model with room for one running + one queued request, and an output rule
-           that matches any text
+  guarded  the tiny model by its library alias (tiny:prod -> tiny@1) with room for one running + one
+           queued request, and an output rule that matches any text
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def server(ray_session, tiny_model_dir, lora_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     reg = str(tmp / "models.json")
     registry.register("tiny", tiny_model_dir, registry=reg, size="tiny", source_run="fixture")
+    registry.promote("tiny@1", "prod", reg)
     assert [e.name for e in registry.list_models(reg)] == ["tiny"]
     keys_file = tmp / "keys.txt"
     keys_file.write_text(f"# one key per line\n{FILE_KEY}\n")
@@ -62,7 +63,8 @@ def server(ray_session, tiny_model_dir, lora_dir, tmp_path_factory):
     cfg = load_config(None, {
         "registry.uri": reg,
         "serve.port": port,
-        "serve.models": ["tiny", f"lora={lora_dir}", f"guarded={tiny_model_dir}"],
+        "serve.models": ["tiny", f"lora={lora_dir}", "guarded=tiny:prod"],
+        "serve.apps_refresh_s": 0.2,
         "serve.api_keys": [KEY],
         "serve.api_keys_file": str(keys_file),
         "serve.max_request_bytes": 200_000,

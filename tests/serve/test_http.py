@@ -37,6 +37,7 @@ def test_models_list_shows_every_model_and_registry_source(server):
     assert set(models) == {"tiny", "lora", "guarded"}
     assert models["tiny"].root == server["tiny"]  # resolved through the registry name
     assert models["lora"].parent == server["tiny"]  # adapter over its base
+    assert models["guarded"].root == server["tiny"]  # resolved through the alias tiny:prod
 
 
 def test_completion_equals_unbatched_greedy(server):
@@ -270,6 +271,112 @@ def test_ready_made_apps(server):
     r = c.post("/v1/apps/translate", json={"model": "lora", "text": "Hello"})
     assert r.status_code == 400 and error_of(r)["param"] == "target_language"
     assert c.post("/v1/apps/poem", json={"model": "lora"}).status_code == 404
+
+
+# -- The app store, the SDK and `llmos chat` against this server --------------------------------
+
+
+def _wait_for_app(client, name: str, version: int) -> dict:
+    """The catalogue entry of `name` once the server lists `version` (it re-reads the library every 0.2 s)."""
+    deadline = time.time() + 30
+    while True:
+        listed = {a["name"]: a for a in client.get("/v1/apps").json()["data"]}
+        if listed.get(name, {}).get("version") == version or time.time() > deadline:
+            assert listed.get(name, {}).get("version") == version, listed.get(name)
+            return listed[name]
+        time.sleep(0.2)
+
+
+def test_an_app_published_while_serving_is_served_then_updated(server):
+    from llmos_ray import LLM
+    from llmos_ray.serve import app_store
+
+    c, reg = server["client"], server["registry"]
+    spec = {"name": "haiku", "description": "A haiku.", "model": "tiny",
+            "sampling": {"temperature": 0, "max_tokens": 6},
+            "parameters": {"topic": {"type": "string", "required": True}},
+            "messages": [{"role": "user", "content": "A haiku about {{ topic }}."}]}
+    assert app_store.create(spec, reg).ref == "haiku@1"  # `llmos apps create` does this
+    assert _wait_for_app(c, "haiku", 1)["parameters"][0]["name"] == "topic"
+    r = c.post("/v1/apps/haiku", json={"topic": "Ray"})  # no model: the app's default
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert (first["app"], first["app_version"], first["model"]) == ("haiku", 1, "tiny")
+    assert first["output"] == greedy(server["tiny"], messages=[{"role": "user", "content": "A haiku about Ray."}],
+                                     max_new_tokens=6)
+    with LLM.connect(server["url"], api_key=KEY, model="tiny") as remote:
+        assert remote.apps.haiku(topic="Ray").output == first["output"]
+    bad = c.post("/v1/apps/haiku", json={"topic": 3})
+    assert bad.status_code == 400 and error_of(bad)["param"] == "topic"
+    changed = {**spec, "messages": [{"role": "user", "content": "Two lines on {{ topic }}, please."}]}
+    assert app_store.create(changed, reg).ref == "haiku@2"
+    _wait_for_app(c, "haiku", 2)
+    second = c.post("/v1/apps/haiku", json={"topic": "Ray"}).json()
+    assert second["app_version"] == 2 and second["output"] == greedy(
+        server["tiny"], messages=[{"role": "user", "content": "Two lines on Ray, please."}], max_new_tokens=6)
+    pinned = c.post("/v1/apps/haiku@1", json={"topic": "Ray"}).json()
+    assert pinned["app_version"] == 1 and pinned["output"] == first["output"]
+
+
+def test_sdk_over_http_equals_the_sdk_in_process(server):
+    from llmos_ray import LLM, Chatbot, ModelError
+    from llmos_ray.serve.types import APIError
+
+    chat = [{"role": "user", "content": "Hello there"}]
+    with LLM.connect(server["url"], api_key=KEY, model="tiny") as remote, \
+            LLM.from_pretrained("tiny", registry=server["registry"]) as local:
+        assert remote.context_length == local.context_length
+        batch = remote.generate(PROMPTS[:4], max_tokens=8, temperature=0)
+        assert batch == local.generate(PROMPTS[:4], max_tokens=8, temperature=0)
+        assert batch[0] == greedy(server["tiny"], PROMPTS[0], max_new_tokens=8)
+        answer = remote.chat(chat, max_tokens=8, temperature=0)
+        assert answer == local.chat(chat, max_tokens=8, temperature=0)
+        assert "".join(remote.stream(chat, max_tokens=8, temperature=0)) == answer
+        assert "".join(remote.stream(PROMPTS[0], max_tokens=8, temperature=0)) == batch[0]
+        with pytest.raises(APIError) as e:
+            remote.generate("a", max_tokens=-1)
+        assert e.value.status == 400 and e.value.param == "max_tokens"
+        with pytest.raises(ModelError, match="embed"):
+            remote.embed("a")
+        bot = Chatbot(remote, max_history_tokens=60, max_tokens=3, temperature=0)
+        for i in range(5):
+            bot.generate_response(f"message {i}: some words to fill the context")
+        assert bot.dropped_turns > 0 and len(bot.history) == 2 * (5 - bot.dropped_turns)
+    with pytest.raises(ModelError, match="does not serve 'nope'"):
+        LLM.connect(server["url"], api_key=KEY, model="nope")
+    with pytest.raises(APIError) as e:
+        LLM.connect(server["url"], api_key="sk-wrong", model="tiny")
+    assert e.value.status == 401
+
+
+def test_llmos_chat_in_a_terminal(server):
+    import sys
+
+    import pexpect
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = pexpect.spawn(sys.executable, ["-m", "llmos_ray.cli", "chat", "tiny", "--url", server["url"], "--api-key",
+                                           KEY, "--temperature", "0", "--max-tokens", "6", "--system", "Be brief."],
+                          env={**os.environ, "PYTHONPATH": root}, encoding="utf-8", timeout=60)
+    try:
+        child.expect("chatting with tiny \\(over HTTP at ")
+        child.expect("you> ")
+        child.sendline("Hello there")
+        child.expect("\r\nyou> ")
+        want = greedy(server["tiny"], messages=[{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Hello there"}], max_new_tokens=6)
+        assert child.before.endswith("bot> " + want.replace("\n", "\r\n")), (child.before, want)
+        child.sendline("/history")
+        child.expect("1 turns kept, 0 dropped")
+        child.sendline("/reset")
+        child.expect("conversation forgotten")
+        child.sendline("/history")
+        child.expect("0 turns kept")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
 
 
 # -- Last: a crash, then the metrics of all the above --------------------------------------------

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from llmos_ray.serve.app_store import builtin_apps
 from llmos_ray.serve.kserve import parse_generate, parse_infer
-from llmos_ray.serve.prompt_apps import APPS, render
+from llmos_ray.serve.prompt_apps import request_model
 from llmos_ray.serve.protocol import ChatCompletionRequest, CompletionRequest
 from llmos_ray.serve.types import APIError, SamplingParams
 from llmos_ray.serve.validation import parse_body, read_json
@@ -51,12 +52,14 @@ def test_request_models_are_strict_and_name_the_field():
 
 
 def test_app_parameters_sent_as_null_are_absent():
-    app = APPS["summarize"]
-    req = parse_body(b'{"text": "hello", "max_words": null, "style": null}', app.request_model)
-    assert "at most 60 words." in render(app, req)[1]["content"]
-    assert refused(parse_body, b'{"text": "hello", "style": "poem"}', app.request_model).param == "style"
-    assert refused(parse_body, b'{"text": " "}', app.request_model).param == "text"
-    assert refused(parse_body, b'{"text": null}', app.request_model).param == "text"
+    app = builtin_apps()["summarize"]
+    model = request_model(app)
+    req = parse_body(b'{"text": "hello", "max_words": null, "style": null}', model)
+    assert "at most 60 words." in app.render({p.name: getattr(req, p.name) for p in app.parameters})[1]["content"]
+    assert refused(parse_body, b'{"text": "hello", "style": "poem"}', model).param == "style"
+    assert refused(parse_body, b'{"text": "hello", "max_words": 0}', model).param == "max_words"
+    assert refused(parse_body, b'{"text": " "}', model).param == "text"
+    assert refused(parse_body, b'{"text": null}', model).param == "text"
 
 
 def test_kserve_bodies_of_the_wrong_json_types_are_400s_naming_them():
