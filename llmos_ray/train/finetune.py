@@ -25,10 +25,25 @@ def finetune(cfg: Config) -> TrainResult:
         return finished
     with run_log(cfg.run.output_dir):
         tokenizer, train, val = _examples(cfg)
+        train_blocks, val_blocks = example_rows(cfg, train), example_rows(cfg, val)
+        _check_batch(cfg, len(train_blocks))
         init_ray()
-        val_blocks = val.blocks()[: cfg.data.val_max_blocks] if val is not None else None
-        return run_training(cfg, tokenizer, {"train": train.blocks()}, val_blocks, resume_from, job="finetune",
+        if val_blocks is not None:
+            val_blocks = val_blocks[: cfg.data.val_max_blocks]
+        return run_training(cfg, tokenizer, {"train": train_blocks}, val_blocks, resume_from, job="finetune",
                             data_counts={"train": train.counts, "val": val.counts if val else None})
+
+
+def example_rows(cfg: Config, examples):
+    """The rows the loop trains on: one padded example each, or (data.packing=reset) several per row
+    with boundaries; the packing's fill (real tokens / row capacity) goes into the counts."""
+    if examples is None:
+        return None
+    rows = examples.packed_blocks() if cfg.data.packing == "reset" else examples.blocks()
+    real = int(examples.lengths.sum())
+    examples.counts["packing"] = {"mode": cfg.data.packing, "rows": len(rows), "tokens": real,
+                                  "fill": round(real / max(1, rows.shape[0] * rows.shape[-1]), 4)}
+    return rows
 
 
 def _examples(cfg: Config):
@@ -44,7 +59,6 @@ def _examples(cfg: Config):
     val = build_examples(val_records, tokenizer, seq_len, fmt, 1.0) if val_records else None
     progress_log.info("fine-tuning data: %s%s", _describe(train.counts),
                       f"; held out: {val.counts['examples']}" if val else "")
-    _check_batch(cfg, len(train.tokens))
     return tokenizer, train, val
 
 
@@ -87,7 +101,8 @@ def _with_base(cfg: Config) -> Config:
 def _check_batch(cfg: Config, n: int) -> None:
     per_step = cfg.train.micro_batch_size * cfg.train.num_workers
     if n < per_step:
-        raise DataError(f"{n} fine-tuning examples are fewer than one step needs "
+        rows = "rows of packed examples" if cfg.data.packing == "reset" else "fine-tuning examples"
+        raise DataError(f"{n} {rows} are fewer than one step needs "
                         f"(train.micro_batch_size * train.num_workers = {per_step})")
 
 
