@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from llmos_ray.config import MixComponent, mix_components
 
-__all__ = ["MixComponent", "mix_components", "MixSchedule", "Interleaver", "MixLedger"]
+__all__ = ["MixComponent", "mix_components", "MixSchedule", "Interleaver", "MixLedger", "interleave_lists"]
 
 class MixSchedule:
     """Smooth weighted round-robin over components (see module doc). `position` is its whole state."""
@@ -59,6 +59,24 @@ class MixSchedule:
     @property
     def position(self) -> dict:
         return {"credit": list(self.credit), "picks": self.picks}
+
+
+def interleave_lists(items: Sequence[Sequence], names: Sequence[str], weights: Sequence[float]) -> tuple[list, dict]:
+    """In-memory mixing (fine-tuning sets): the items of each list in `MixSchedule` order until the
+    schedule picks a list that has run out; returns (mixed items, per-list counts as `Interleaver.counts`)."""
+    schedule, used, out = MixSchedule(weights), [0] * len(items), []
+    while True:
+        c = schedule.peek()
+        if used[c] == len(items[c]):
+            break
+        schedule.take()
+        out.append(items[c][used[c]])
+        used[c] += 1
+    total = max(1, len(out))
+    counts = {name: {"weight": w, "share_asked": round(w / schedule.total, 6), "share": round(u / total, 6),
+                     "documents": u, "arrived": len(lst), "exhausted": u == len(lst)}
+              for name, w, u, lst in zip(names, schedule.weights, used, items)}
+    return out, counts
 
 
 class Interleaver:

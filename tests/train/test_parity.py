@@ -189,8 +189,9 @@ def test_resume_on_the_same_workers_restores_each_ranks_rng(fits, references):
     want, _ = references["z3_fresh_dropout"]
     assert got["resumed_via"] == "same"
     assert_steps(got, want[SAVE:], SAVE)
-    _, control = fits["dropout_no_rng"]
-    assert abs(control["steps"][0]["loss"] - want[SAVE]["loss"]) > 20 * LOSS_ATOL
+    _, control = fits["dropout_no_rng"]  # measured: loss 1.8e-3 off, grad norm 3.2e-3 (relative) off
+    assert abs(control["steps"][0]["loss"] - want[SAVE]["loss"]) > 10 * LOSS_ATOL
+    assert abs(control["steps"][0]["grad_norm"] / want[SAVE]["grad_norm"] - 1) > 10 * NORM_RTOL
 
 
 @pytest.mark.parametrize("name,source,via,fresh_moments", [
