@@ -26,22 +26,12 @@ def cmd_config_show(args) -> None:
 
     cfg = _load(args).resolved()
     if args.docs:
-        values = _flatten(cfg.to_dict())
+        values = cfg.flat()
         for key, doc in field_docs().items():
             if key in values:
                 print(f"{key} = {values[key]!r}\n    {doc}")
     else:
         print(cfg.to_yaml(), end="")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("overrides", "extra"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def cmd_data_prepare(args) -> None:
@@ -80,15 +70,15 @@ def _train(args, run, job: str) -> None:
 
 def _resume_hint(cfg, job: str) -> str:
     """Which checkpoint survived a Ctrl-C, and the command that continues from it."""
-    from llmos_ray.train.runs import read_run
+    from llmos_ray.train.runs import last_complete, read_run
 
     resolved = cfg.resolved(job)
-    info = read_run(resolved)
+    ckpt = last_complete(read_run(resolved))
     again = " ".join([command(), *sys.argv[1:]]) if sys.argv[1:2] == [job] else f"{command()} {job} ..."
-    if not info.checkpoints:
+    if ckpt is None:
         return f"No checkpoint of run {resolved.run.name!r} was complete yet; `{again}` starts it again."
-    return (f"The last complete checkpoint of run {resolved.run.name!r} is step {info.step} "
-            f"({info.checkpoints[-1].uri}); `{again}` resumes from it (run.resume=auto).")
+    return (f"The last complete checkpoint of run {resolved.run.name!r} is step {ckpt.step} ({ckpt.uri}); "
+            f"`{again}` resumes from it (run.resume=auto).")
 
 
 def command() -> str:

@@ -487,6 +487,17 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def flat(self) -> dict[str, Any]:
+        """{'train.lr': 0.001, …}: every key of `all_keys()` with its value (dict-valued settings whole)."""
+        values = self.to_dict()
+        out: dict[str, Any] = {}
+        for key in all_keys():
+            node: Any = values
+            for part in key.split("."):
+                node = node[part]
+            out[key] = node
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

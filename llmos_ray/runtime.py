@@ -112,6 +112,7 @@ def run_log(output_dir: str):
 CONSOLE_NOISE = (
     "Token authentication is enabled for this Ray cluster",  # every local start; it is on, as it should be
     "PYTHON worker processes have been started",  # the raylet, when a 2-core machine starts Ray Data actors
+    "Progress bars disabled",  # Ray Data, because we disable them (RAY_DATA_DISABLE_PROGRESS_BARS)
 )
 """Warnings Ray prints on every run of a small machine that ask nothing of the user: file only."""
 

@@ -94,8 +94,24 @@ def checkpoints_of(cfg: Config) -> list[Checkpoint]:
     out = []
     for state in sorted(fs.glob(f"{path}/checkpoint_*/llmos_state.json")):
         with fs.open(state) as f:
-            out.append(Checkpoint(int(json.load(f)["step"]), fs.unstrip_protocol(state.rsplit("/", 1)[0])))
+            uri = fs.unstrip_protocol(state.rsplit("/", 1)[0])
+            out.append(Checkpoint(int(json.load(f)["step"]), uri.removeprefix("file://")))
     return out
+
+
+def last_complete(info: "RunInfo") -> Optional[Checkpoint]:
+    """The newest checkpoint whose every rank's files are there with the sizes written (the one a
+    resume would start from), or None."""
+    from llmos_ray.errors import CheckpointError
+    from llmos_ray.train.checkpoint import validate
+
+    for ckpt in reversed(info.checkpoints):
+        try:
+            validate(ckpt.uri)
+            return ckpt
+        except CheckpointError:
+            continue
+    return None
 
 
 def read_run(cfg: Config) -> RunInfo:
@@ -116,20 +132,10 @@ def read_run(cfg: Config) -> RunInfo:
     return info
 
 
-def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("overrides", "storage_options"):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def changed_identity(saved: dict, cfg: Config) -> dict[str, tuple[Any, Any]]:
     """{key: (what the run trained with, what the config now says)} for every IDENTITY_KEYS that differs."""
-    old = flat(from_dict(saved).to_dict())  # defaults filled in, as the new config has them
-    new = flat(cfg.to_dict())
+    old = from_dict(saved).flat()  # defaults filled in, as the new config has them
+    new = cfg.flat()
     return {k: (old.get(k), new.get(k)) for k in IDENTITY_KEYS if old.get(k) != new.get(k)}
 
 

@@ -168,9 +168,16 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
              cfg.train.max_steps)
     t0 = time.time()
     with follow_progress(metrics_log.path, cfg.train.max_steps), reraise_ours():
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit:
+            # Ray Train's own SIGINT handler aborts the run and exits through sys.exit: the user
+            # pressed Ctrl-C. Nothing is exported; the newest complete checkpoint resumes.
+            raise KeyboardInterrupt from None
         if result.error is not None:
             raise result.error
+    if (result.metrics or {}).get("step", 0) < cfg.train.max_steps:
+        raise KeyboardInterrupt  # aborted the other way: fit() returned early without an error
     checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
     export_dir = None
     if cfg.train.export and result.checkpoint is not None:
@@ -250,8 +257,8 @@ def record_config(cfg: Config) -> None:
     import yaml
 
     with open(path) as f:
-        saved = runs.flat(from_dict(yaml.safe_load(f) or {}).to_dict())
-    now = runs.flat(cfg.to_dict())
+        saved = from_dict(yaml.safe_load(f) or {}).flat()
+    now = cfg.flat()
     changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
     with open(os.path.join(cfg.run.output_dir, "resumes.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.time(), "changed": changed}, default=str) + "\n")

@@ -40,6 +40,35 @@ def ray_tmp(only_ray_on_this_machine):
     stop_ray_started_under(path)
 
 
+def test_ctrl_c_names_the_checkpoint_that_resumes(tmp_path, ray_tmp):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "llmos_ray.cli", "pretrain", "--config", TINY, f"run.output_dir={out}",
+           "train.max_steps=400", "train.checkpoint_every=2", "train.log_every=2", "data.max_documents=60"]
+    proc = subprocess.Popen(cmd, env=llmos_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 420
+    while not any("checkpoint" in m for m in read_metrics(out)):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    hint = next(line for line in err.splitlines() if line.startswith("llmos: interrupted."))
+    # The hint names the newest checkpoint that finished writing: at least the last one the metrics
+    # recorded (a later one may have completed between the SIGINT and Ray Train's abort).
+    import re
+
+    named = re.search(r"The last complete checkpoint of run 'pretrain-tiny' is step (\d+) \((\S+)\)", hint)
+    assert named, hint
+    step, path = int(named.group(1)), named.group(2)
+    assert step >= max(m["step"] for m in read_metrics(out) if "checkpoint" in m) and step % 2 == 0
+    assert os.path.exists(os.path.join(path, "llmos_state.json")), path
+    assert "resumes from it (run.resume=auto)" in hint and "pretrain --config" in hint
+    assert not (out / "export").exists()
+
+
 def assert_command_serves(command: str, ray_tmp: str) -> None:
     """Run a printed `… serve --model DIR` command as a user's shell would, until it answers a request."""
     import shlex
