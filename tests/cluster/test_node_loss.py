@@ -5,7 +5,10 @@ scaling (train.min_workers=1, Ray Train v2's ScalingConfig(num_workers=(1, 2))) 
 on the node that is left, from the last checkpoint through DeepSpeed's universal checkpoint (2 → 1
 workers, the global batch kept by twice the accumulation), and ends at exactly train.max_steps with
 the loss curve of an uninterrupted run: every step's loss within 1e-4 of a single-process
-reference on the same micro-batches."""
+reference on the same micro-batches.
+
+A drill, not part of `make test` (a second Ray cluster beside the session's, ~1 min): run it with
+LLMOS_TEST_DRILLS=1 python -m pytest tests/cluster/test_node_loss.py."""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import pytest
 from llmos_ray.config import load_config
 from tests.train.harness import reference
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("LLMOS_TEST_DRILLS"),
+                                                   reason="a drill: set LLMOS_TEST_DRILLS=1")]
 
 SEQ, MICRO, STEPS, LOST_AFTER = 32, 2, 8, 5
 
