@@ -110,18 +110,3 @@ def test_buckets_sized_to_the_model_and_extra_still_wins():
     c2 = cfg("deepspeed.zero_stage=3", "deepspeed.extra={zero_optimization: {reduce_bucket_size: 123}}")
     assert deepspeed_config(c2, 2, "cuda", "bf16", hidden_size=256)["zero_optimization"]["reduce_bucket_size"] == 123
 
-
-def test_elastic_workers_keep_the_global_batch():
-    """train.min_workers: Ray Train gets (min, max) workers, and on fewer workers the accumulation
-    grows so the global batch stays the one of train.num_workers."""
-    from llmos_ray.train.trainer import scaling_workers
-
-    c = cfg("train.num_workers=2", "train.min_workers=1", "train.micro_batch_size=2")
-    assert scaling_workers(c) == (1, 2)
-    assert accumulation_steps(c, 2) == 1 and accumulation_steps(c, 1) == 2
-    assert scaling_workers(cfg("train.num_workers=2")) == 2
-    assert scaling_workers(cfg("train.num_workers=2", "train.min_workers=2")) == 2
-    with pytest.raises(ConfigError, match="train.min_workers must be in"):
-        cfg("train.num_workers=2", "train.min_workers=3")
-    with pytest.raises(ConfigError, match="not for 3 workers"):
-        cfg("train.num_workers=4", "train.min_workers=2", "train.micro_batch_size=1", "train.global_batch_size=4")
