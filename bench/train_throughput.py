@@ -8,11 +8,18 @@
               cross-entropy, backward, clip_grad_norm_, AdamW + the same warmup/cosine schedule, on the
               whole global batch per step. Timed over the same steps as ours' measured windows.
 
+    ddp       bare PyTorch DDP, 2 processes x 1 thread (what a user writes for `torchrun --nproc-per-node 2`):
+              gloo on 127.0.0.1, each rank its micro-batch of the same global batch (the rows ours gives
+              that rank), forward, cross-entropy, backward (DDP all-reduces the gradients), clipping,
+              AdamW + the same schedule. Timed per step on rank 0 over the same steps. The fair
+              baseline for ours (same process layout); printed last, as `ratio=<ours/ddp>` (goal >= 0.95).
+
 Same preset model and init seed, same blocks (the stdlib's sources tokenized by a BPE trained with
 `train_tokenizer`), the same global batch of the same rows at every step, the same number of steps.
 The run checks that both trained the same thing: the per-window losses must agree (fp32; ZeRO only
 reorders sums), else it says MISMATCH and exits with status 1. The baseline runs first, before Ray
-starts. Prints both figures, the machine, and `ratio=<ours/baseline>` last (goal >= 0.9).
+starts. Prints the figures, the machine, `ratio_1proc=<ours/baseline>` (goal >= 0.9) and
+`ratio=<ours/ddp>` last.
 
     .venv/bin/python bench/train_throughput.py [--steps 30] [--log-every 5] [--size small] [--zero-stage 2]
 """
@@ -95,6 +102,81 @@ def baseline(cfg, tok, blocks, threads: int, skip_steps: int) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def ddp_rank(rank: int, world: int, port: int, cfg_dict: dict, ids: tuple, blocks, skip_steps: int, out: str):
+    """One DDP process (torch.multiprocessing.spawn): 1 thread, gloo; rank 0 writes its timings to `out`."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import AutoModelForCausalLM
+
+    from llmos_ray.config import from_dict
+    from llmos_ray.models import preset_config
+    from llmos_ray.train.deepspeed import lr_at
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = from_dict(cfg_dict)
+    t, (vocab, bos, eos, pad) = cfg.train, ids
+    hf = preset_config(cfg.model.family, cfg.model.size, vocab, cfg.data.seq_len, bos_id=bos, eos_id=eos, pad_id=pad,
+                       overrides=cfg.model.overrides)
+    torch.manual_seed(cfg.run.seed)
+    model = DistributedDataParallel(AutoModelForCausalLM.from_config(hf))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    micro, g = t.micro_batch_size, global_batch(cfg)
+    losses, seconds = [], []
+    for step in range(t.max_steps):
+        start = time.perf_counter()
+        at = step * g + rank * micro  # the rows ArrayReader gives this rank (accumulation 1)
+        batch = torch.tensor(blocks[at:at + micro], dtype=torch.long)
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+        seconds.append(time.perf_counter() - start)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"losses": losses, "seconds": seconds}, f)
+    dist.destroy_process_group()
+
+
+def ddp(cfg, tok, blocks, skip_steps: int) -> dict:
+    """Bare PyTorch DDP, num_workers processes x 1 thread: tokens/s over steps skip_steps+1 .. max_steps."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from llmos_ray.train.deepspeed import accumulation_steps
+
+    if accumulation_steps(cfg, cfg.train.num_workers) != 1:
+        raise SystemExit("the DDP baseline trains one micro-batch per rank per step (no --global-batch)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tempfile.mktemp(prefix="llmos-bench-ddp-", suffix=".json")
+    ids = (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    mp.spawn(ddp_rank, args=(cfg.train.num_workers, port, cfg.to_dict(), ids, blocks, skip_steps, out),
+             nprocs=cfg.train.num_workers, join=True)
+    with open(out) as f:
+        got = json.load(f)
+    os.remove(out)
+    measured = got["seconds"][skip_steps:]
+    return {"tokens_per_s": global_batch(cfg) * cfg.data.seq_len * len(measured) / sum(measured),
+            "losses": got["losses"], "step_s": sum(measured) / len(measured), "first_step_s": got["seconds"][0]}
+
+
 def ours(cfg, tok, blocks, skip_steps: int) -> dict:
     """run_training on 2 workers: tokens/s from the loop's own windows after step skip_steps."""
     from llmos_ray.train.trainer import run_training
@@ -143,6 +225,7 @@ def main() -> int:
     skip = args.log_every * args.skip_windows
 
     base = baseline(cfg, tok, blocks, threads, skip)
+    dist = ddp(cfg, tok, blocks, skip)
     start_ray(args.num_cpus)
     try:
         mine = ours(cfg, tok, blocks, skip)
@@ -153,6 +236,8 @@ def main() -> int:
     # Same work? Each of ours' windows reports the mean loss of its steps; the baseline's must match.
     diffs = [abs(w["loss"] - sum(base["losses"][w["first"] - 1:w["last"]]) / w["steps"]) for w in mine["windows"]]
     same = diffs[0] < FIRST_WINDOW_ATOL and all(d < ANY_WINDOW_ATOL for d in diffs)  # False on NaN too
+    ddp_diffs = [abs(w["loss"] - sum(dist["losses"][w["first"] - 1:w["last"]]) / w["steps"]) for w in mine["windows"]]
+    same = same and ddp_diffs[0] < FIRST_WINDOW_ATOL and all(d < ANY_WINDOW_ATOL for d in ddp_diffs)
     tokens_per_step = g * args.seq_len
     measured = args.steps - skip
     print(f"\nmodel: {args.family} {args.size} preset, {base['params'] / 1e6:.2f}M parameters, vocab {len(tok)}, "
@@ -162,6 +247,9 @@ def main() -> int:
           "in both")
     print(f"baseline, plain PyTorch, 1 process x {threads} threads: {base['tokens_per_s']:9,.0f} tokens/s "
           f"({base['step_s']:.3f} s/step over {measured} steps; first step {base['first_step_s']:.2f} s)")
+    print(f"baseline, bare PyTorch DDP, {args.workers} processes x 1 thread (gloo): {dist['tokens_per_s']:9,.0f} "
+          f"tokens/s ({dist['step_s']:.3f} s/step over {measured} steps; first step {dist['first_step_s']:.2f} s; "
+          f"first window |loss - ours'| {ddp_diffs[0]:.0e})")
     print(f"ours, run_training {args.workers} workers x {per_worker} thread(s), ZeRO-{args.zero_stage}: "
           f"{mine['tokens_per_s']:9,.0f} tokens/s ({mine['step_s']:.3f} s/step over {measured} steps; first window "
           f"{mine['first_window_step_s']:.3f} s/step; whole fit {mine['wall_s']:.0f} s; mfu {mine['mfu']:.1%})")
@@ -175,7 +263,8 @@ def main() -> int:
               "Other processes slow the 2-thread baseline far more than single-threaded workers (its OpenMP threads "
               "wait for each other), so the ratio usually flatters ours; measure on a quiet machine.")
     print(machine())
-    print(f"ratio={mine['tokens_per_s'] / base['tokens_per_s']:.2f}")
+    print(f"ratio_1proc={mine['tokens_per_s'] / base['tokens_per_s']:.2f} (ours / 1 process x {threads} threads)")
+    print(f"ratio={mine['tokens_per_s'] / dist['tokens_per_s']:.2f}")
     return 0 if same else 1
 
 

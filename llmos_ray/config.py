@@ -62,6 +62,9 @@ class RunConfig:
 class DataConfig:
     paths: list[str] = field(default_factory=list)
     """Corpus files, directories or globs (local, file://, s3://, gs://, memory://); empty = embedded default."""
+    mix: list[dict[str, Any]] = field(default_factory=list)
+    """Weighted mixture instead of `paths`: [{name, paths, weight}, ...]; documents interleave deterministically in
+    proportion to the weights (a pass ends when one component runs out); realized shares in the stats."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options per protocol for corpus paths, e.g. {s3: {endpoint_url: "http://localhost:9000"}}."""
     format: Literal["auto", "txt", "jsonl", "json", "parquet", "csv", "hf"] = "auto"
@@ -92,6 +95,9 @@ class DataConfig:
     """How much corpus text (bytes, in corpus order) trains the tokenizer."""
     seq_len: int = 256
     """Training sequence length; documents are packed into blocks of seq_len + 1 tokens."""
+    packing: Literal["concat", "reset"] = "concat"
+    """'concat': packed documents attend across their EOS; 'reset': each document (pretraining) or example
+    (fine-tuning, several per row instead of one padded row each) attends only to itself, positions restarting."""
     val_fraction: float = 0.02
     """Share of documents held out for validation, chosen by a hash of the text."""
     val_paths: list[str] = field(default_factory=list)
@@ -111,6 +117,51 @@ class DataConfig:
             raise ConfigError(f"data.max_documents must be >= 1 or null, got {self.max_documents}")
         if not 0 < self.mask_probability < 1:
             raise ConfigError(f"data.mask_probability must be in (0, 1), got {self.mask_probability}")
+        if self.mix:
+            if self.paths:
+                raise ConfigError("data.paths and data.mix are both set: a mixture lists its corpora in data.mix")
+            mix_components(self.mix, "data.mix")
+
+
+MIX_KEYS = ("name", "paths", "weight")
+
+
+@dataclass(frozen=True)
+class MixComponent:
+    """One corpus of a mixture."""
+
+    name: str
+    paths: tuple[str, ...]
+    weight: float
+
+
+def mix_components(mix: list, key: str = "data.mix") -> list["MixComponent"]:
+    """The checked components of a data.mix / finetune.mix list (ConfigError naming what is wrong)."""
+    out: list[MixComponent] = []
+    for i, entry in enumerate(mix):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping {{name, paths, weight}}, got {entry!r}")
+        unknown = sorted(set(entry) - set(MIX_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid keys: {', '.join(MIX_KEYS)})")
+        paths = entry.get("paths")
+        if isinstance(paths, str):
+            paths = [paths]
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+            raise ConfigError(f"{where}.paths must be a non-empty list of corpus paths, got {paths!r}")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"{where}.weight must be a number > 0, got {weight!r}")
+        name = entry.get("name", f"mix{i}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name must be a non-empty string, got {name!r}")
+        if any(c.name == name for c in out):
+            raise ConfigError(f"{key}: two components are named {name!r}")
+        out.append(MixComponent(name, tuple(paths), float(weight)))
+    if len(out) == 1:
+        raise ConfigError(f"{key} needs at least two components (one corpus is data.paths)")
+    return out
 
 
 @dataclass
@@ -210,6 +261,8 @@ class FinetuneConfig:
     """What fine-tuning trains: 'causal_lm' (instructions, chat) or 'classification' ({text, label} records)."""
     paths: list[str] = field(default_factory=list)
     """Training records (JSONL, parquet or CSV; fsspec URIs); empty = the task's embedded default set."""
+    mix: list[dict[str, Any]] = field(default_factory=list)
+    """Weighted mixture of training sets instead of `paths`: [{name, paths, weight}, ...] (as data.mix)."""
     format: Literal["auto", "prompt_completion", "alpaca", "chat"] = "auto"
     """Record format of causal_lm records; 'auto' detects it per record."""
     multi_label: bool = False
@@ -239,6 +292,14 @@ class FinetuneConfig:
         _positive("finetune", self, "examples_per_label")
         if self.multi_label and self.task != "classification":
             raise ConfigError("finetune.multi_label needs finetune.task=classification")
+        if self.mix:
+            if self.paths:
+                raise ConfigError("finetune.paths and finetune.mix are both set: a mixture lists its sets in "
+                                  "finetune.mix")
+            if self.task != "causal_lm":
+                raise ConfigError(f"finetune.mix mixes instruction sets (finetune.task=causal_lm); for "
+                                  f"finetune.task={self.task} list the files in finetune.paths")
+            mix_components(self.mix, "finetune.mix")
 
 
 @dataclass

@@ -112,6 +112,8 @@ class Ledger:
         self.dropped_short = self.duplicates = self.bad_records = self.chars = 0
         self.bad_by_file: dict[str, list[dict]] = {}
         self.bad_count_by_file: dict[str, int] = {}
+        self.done = False
+        """The corpus has ended (`close`): nothing more comes."""
 
     @classmethod
     def for_config(cls, data, corpus: Corpus, split: str) -> "Ledger":
@@ -164,6 +166,11 @@ class Ledger:
         self.val_documents += n_val
         self.train_documents += block.num_rows - n_val
         return block.filter(val if self.split == "val" else pc.invert(val)).select(["text"])
+
+    def close(self, component: int = 0) -> pa.Table:
+        """The end of the corpus (a mixture's ledger ends one component at a time): no documents follow."""
+        self.done = True
+        return pa.table({"text": pa.array([], pa.string())})
 
     def _bad(self, file: int, line: int, reason: str) -> None:
         uri = self.uris[file]

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from llmos_ray.data.corpus import resolve_corpus
 from llmos_ray.data.documents import READ_SCHEMA, Ledger, read_blocks, record_limit
+from llmos_ray.data.mix import MixLedger
 from llmos_ray.data.pack import pack_documents
 from llmos_ray.data.sources import Corpus, Source
 from llmos_ray.data.stats import stats_actor
@@ -104,17 +105,18 @@ def document_batches(cfg, split: str = "train"):
     if split == "val" and not has_validation(data):
         raise DataError("no validation split: set data.val_fraction > 0 or data.val_paths")
     corpus = resolve_corpus(data, split)
-    units = read_units(corpus.sources)
+    units, ends = mix_units(corpus) if corpus.mix else plain_units(corpus)
     log.info("%s corpus: %s (%d read task%s)", split, corpus.description, len(units), "s"[:len(units) != 1])
     board = stats_actor(cfg.run.name, split)
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(ReadCorpus(corpus, units), batch_size=1, batch_format="numpy", num_cpus=1)
-    limit = record_limit(data, split)
+    ds = ds.map_batches(ReadCorpus(corpus, units, ends), batch_size=1, batch_format="numpy", num_cpus=1)
+    limit = record_limit(data, split) if not corpus.mix else None  # a mixture caps the documents it mixes
     if limit is not None:
         ds = ds.limit(limit)
-    stage = {"ledger": Ledger.for_config(data, corpus, split), "board": board, "batch_docs": data.batch_docs,
-             "record_limit": limit}
+    ledger = MixLedger.for_config(data, corpus, split) if corpus.mix else Ledger.for_config(data, corpus, split)
+    stage = {"ledger": ledger, "board": board, "batch_docs": data.batch_docs, "record_limit": limit,
+             "run_name": cfg.run.name}
     with warnings.catch_warnings():
         # The ledger is stateful and must see blocks in corpus order: Ray Data lets map actors run
         # tasks out of order by default, and restarts them (which would restart the counts). Both
@@ -146,49 +148,83 @@ def packed_dataset(cfg, tokenizer, split: str = "train"):
     return ds
 
 
+def plain_units(corpus: Corpus) -> tuple[list[list[int]], dict[int, list[int]]]:
+    """Read units of a corpus in order; the corpus ends after the last one."""
+    units = read_units(corpus.sources)
+    return units, {len(units) - 1: [0]}
+
+
+def mix_units(corpus: Corpus) -> tuple[list[list[int]], dict[int, list[int]]]:
+    """Read units of a mixture (data.mix) and where each component ends: every component's sources
+    in units of their own (`read_units`), the units of all components ordered by when the mixture
+    needs them — a unit's bytes before it in its component over the component's weight — so the
+    ledger's buffers stay small; the order changes no document (the Interleaver decides that)."""
+    keyed = []
+    for c, part in enumerate(corpus.mix):
+        indices = [i for i, owner in enumerate(corpus.component_of) if owner == c]
+        before = 0
+        for unit in read_units([corpus.sources[i] for i in indices]):
+            keyed.append((before / part.weight, c, [indices[j] for j in unit]))
+            before += sum(corpus.sources[indices[j]].size for j in unit)
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    units = [unit for _, _, unit in keyed]
+    ends: dict[int, list[int]] = {}
+    for c in range(len(corpus.mix)):
+        ends.setdefault(max(i for i, k in enumerate(keyed) if k[1] == c), []).append(c)
+    return units, ends
+
+
 class ReadCorpus:
     """Ray Data UDF: a batch of read-unit numbers → blocks of records (documents.READ_SCHEMA).
 
-    The last unit ends with `END_OF_CORPUS`, a one-row block telling the ledger to flush."""
+    The last unit of the corpus (of each component, for a mixture) ends with a one-row marker
+    block (`end_of_corpus`) telling the ledger that nothing more comes."""
 
-    def __init__(self, corpus: Corpus, units: list[list[int]]):
+    def __init__(self, corpus: Corpus, units: list[list[int]], ends: Optional[dict[int, list[int]]] = None):
         self.corpus, self.units = corpus, units
+        self.ends = ends if ends is not None else {len(units) - 1: [0]}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         for unit in batch["unit"]:
             yield from read_blocks(self.corpus, self.units[int(unit)])
-            if int(unit) == len(self.units) - 1:
-                yield end_of_corpus()
+            for component in self.ends.get(int(unit), ()):
+                yield end_of_corpus(component)
 
 
-def end_of_corpus() -> pa.Table:
-    """The marker row after the last record: file -1."""
-    return pa.table({"file": [-1], "line": [0], "text": [None], "reason": [None], "key": [bytes(16)], "bucket": [0]},
-                    schema=READ_SCHEMA)
+def end_of_corpus(component: int = 0) -> pa.Table:
+    """The marker row after the last record (of a mixture's component `component`): file -1 - component."""
+    return pa.table({"file": [-1 - component], "line": [0], "text": [None], "reason": [None], "key": [bytes(16)],
+                     "bucket": [0]}, schema=READ_SCHEMA)
 
 
 class CountAndSplit:
-    """Ray Data actor UDF: the `Ledger` (sees every block in corpus order, publishes its counts),
-    then `Batcher`: one output row per data.batch_docs documents."""
+    """Ray Data actor UDF: the `Ledger` (sees every block in corpus order, publishes its counts;
+    a `MixLedger` for a mixture), then `Batcher`: one output row per data.batch_docs documents."""
 
-    def __init__(self, ledger: Ledger, board, batch_docs: int, record_limit: Optional[int] = None):
+    def __init__(self, ledger, board, batch_docs: int, record_limit: Optional[int] = None, run_name: str = ""):
         import ray
 
         self._ray = ray
         self.ledger, self.board = ledger, board
         self.batcher = Batcher(batch_docs)
         self.record_limit = record_limit
+        self.run_name = run_name
         self.execution = uuid.uuid4().hex
         self._reported_bad = -1
+        self._gauge = None
         self._report()
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        ended = block.num_rows > 0 and block.column("file")[-1].as_py() == -1
-        if ended:
-            block = block.slice(0, block.num_rows - 1)
-        self.batcher.push(self.ledger.add(block))
+        files = block.column("file").to_numpy()
+        start = 0
+        for at in [*np.flatnonzero(files < 0).tolist(), block.num_rows]:  # end markers: file -1 - component
+            if at > start:
+                self.batcher.push(self.ledger.add(block.slice(start, at - start)))
+            if at < block.num_rows:
+                self.batcher.push(self.ledger.close(-1 - int(files[at])))
+            start = at + 1
         self._report()
-        ended = ended or (self.record_limit is not None and self.ledger.records >= self.record_limit)
+        ended = self.ledger.done or (self.record_limit is not None and self.ledger.records >= self.record_limit)
         return self.batcher.pop(final=ended)
 
     def _report(self) -> None:
@@ -198,6 +234,21 @@ class CountAndSplit:
             counts.pop("bad_count_by_file")
         self._reported_bad = self.ledger.bad_records
         self._ray.get(self.board.update.remote(self.execution, counts))
+        if "mix" in counts:
+            self._publish_mix(counts["mix"])
+
+    def _publish_mix(self, mix: dict) -> None:
+        """The realized share of each mixture component, as the Ray metric llmos_data_mix_share (dashboard)."""
+        try:
+            from ray.util.metrics import Gauge
+
+            if self._gauge is None:
+                self._gauge = Gauge("llmos_data_mix_share", description="share of a data.mix component in the "
+                                    "documents mixed so far", tag_keys=("run", "component"))
+            for name, c in mix.items():
+                self._gauge.set(float(c["share"]), tags={"run": self.run_name, "component": name})
+        except Exception as e:  # metrics are best effort
+            log.debug("ray metrics unavailable: %s", e)
 
 
 class Batcher:

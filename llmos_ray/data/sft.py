@@ -6,7 +6,8 @@ Formats (detected per record, or fixed with finetune.format):
     chat               {"messages": [{"role", "content"}, ...]}   system/user/assistant, multi-turn
 
 Only what the assistant writes carries loss. An example is one row of two int32 arrays of
-seq_len + 1: the tokens (right-padded with the pad id) and the loss mask. Over-long examples keep
+seq_len + 1: the tokens (right-padded with the pad id) and the loss mask; with data.packing=reset,
+several examples share a row (`pack_examples`), each a segment of its own. Over-long examples keep
 their last seq_len + 1 tokens — the final answer survives, the start of the context goes (counted
 as `truncated`); one left with no target token is dropped (counted as `no_target`). Records that
 fit no format are bad records, counted with file and line.
@@ -123,10 +124,52 @@ class SftExamples:
     """int32 [N, seq_len + 1], 1 where the token carries loss."""
     counts: dict = field(default_factory=dict)
     """records, examples, bad_records, truncated, no_target, formats, bad_by_file."""
+    lengths: Optional[np.ndarray] = None
+    """int32 [N]: each example's tokens before padding."""
+    pad_id: int = 0
 
     def blocks(self) -> np.ndarray:
         """[N, 2, seq_len + 1]: what the train loop consumes (row 0 tokens, row 1 loss mask)."""
         return np.stack([self.tokens, self.mask], axis=1)
+
+    def packed_blocks(self) -> np.ndarray:
+        """[M, 3, seq_len + 1], M <= N: the examples packed several to a row (`pack_examples`),
+        rows of tokens, loss mask and segment id (what the train loop consumes under data.packing=reset)."""
+        lengths = self.lengths if self.lengths is not None else (self.tokens != self.pad_id).sum(1)
+        return pack_examples(self.tokens, self.mask, lengths, self.pad_id)
+
+
+def pack_examples(tokens: np.ndarray, mask: np.ndarray, lengths: np.ndarray, pad_id: int) -> np.ndarray:
+    """Pack padded examples (rows of `tokens`/`mask`, the first `lengths[i]` tokens real) into as
+    few rows of the same width as first-fit decreasing finds: the longest first, each into the
+    first row with room. Returns [M, 3, width]: tokens (pad after the last example), loss mask,
+    segment id (1, 2, … per example in the row, 0 for padding). Deterministic; every example lands
+    in exactly one row, whole."""
+    width = tokens.shape[1]
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(width - n)
+    out = np.zeros((len(rows), 3, width), dtype=np.int32)
+    out[:, 0] = pad_id
+    for r, members in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(members, 1):
+            n = int(lengths[i])
+            out[r, 0, at:at + n] = tokens[i, :n]
+            out[r, 1, at:at + n] = mask[i, :n]
+            out[r, 2, at:at + n] = seg
+            at += n
+    return out
 
 
 def build_examples(records: Iterable[tuple[str, int, Any]], tokenizer, seq_len: int, fmt: str = "auto",
@@ -134,7 +177,7 @@ def build_examples(records: Iterable[tuple[str, int, Any]], tokenizer, seq_len: 
     """Encode `(source, line, record)` triples; `record` is a parsed object, or an Exception for a
     line that did not parse. Fails when a file's bad share exceeds `max_bad_fraction`."""
     block = seq_len + 1
-    tokens, masks = [], []
+    tokens, masks, lengths = [], [], []
     counts: dict[str, Any] = {"records": 0, "examples": 0, "bad_records": 0, "truncated": 0, "no_target": 0,
                               "formats": {}, "bad_by_file": {}}
     per_file: dict[str, list[int]] = {}
@@ -164,6 +207,7 @@ def build_examples(records: Iterable[tuple[str, int, Any]], tokenizer, seq_len: 
             counts["no_target"] += 1
             continue
         pad = block - len(ids)
+        lengths.append(len(ids))
         tokens.append(ids + [tokenizer.pad_token_id] * pad)
         masks.append(mask + [0] * pad)
     for source, (n, bad) in per_file.items():
@@ -174,7 +218,8 @@ def build_examples(records: Iterable[tuple[str, int, Any]], tokenizer, seq_len: 
     counts["examples"] = len(tokens)
     if not tokens:
         raise DataError(f"no usable fine-tuning examples in {sorted(per_file) or 'the input'} ({counts})")
-    return SftExamples(np.array(tokens, dtype=np.int32), np.array(masks, dtype=np.int32), counts)
+    return SftExamples(np.array(tokens, dtype=np.int32), np.array(masks, dtype=np.int32), counts,
+                       np.array(lengths, dtype=np.int32), int(tokenizer.pad_token_id or 0))
 
 
 def read_sft_records(paths: list[str], storage_options: Optional[dict] = None) -> Iterator[tuple[str, int, Any]]:

@@ -68,6 +68,10 @@ class Corpus:
     snapshots: dict[str, bytes] = field(default_factory=dict)
     """Contents of sources on process-local filesystems (memory://), keyed by URI."""
     description: str = ""
+    mix: tuple = ()
+    """For a weighted mixture (data.mix): its components (mix.Component), in order."""
+    component_of: tuple = ()
+    """For a mixture: the component index of each source."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,8 +213,9 @@ def reshard_method(state: dict, cfg: Config) -> tuple[str, str]:
 
     "as_is"         ZeRO-0 both times: DeepSpeed's checkpoint holds the whole model and the plain
                     torch optimizer state, nothing is partitioned by worker, it loads unchanged.
-    "universal"     ZeRO-1/2/3: converted to DeepSpeed's universal checkpoint and re-partitioned
-                    for the new workers, fp32 master weights, Adam moments, step and scheduler included.
+    "universal"     ZeRO-1/2 to ZeRO-1/2, ZeRO-3 to ZeRO-3: converted to DeepSpeed's universal
+                    checkpoint and re-partitioned for the new workers, fp32 master weights, Adam
+                    moments, step and scheduler included.
     "consolidated"  where DeepSpeed can't do that (the reason says which): the consolidated fp32
                     weights only; the optimizer moments restart."""
     old, new = state["zero_stage"], cfg.deepspeed.zero_stage
@@ -226,6 +227,10 @@ def reshard_method(state: dict, cfg: Config) -> tuple[str, str]:
         # engine loading a universal checkpoint restores neither weights nor optimizer (engine.py
         # _load_checkpoint skips the module, _load_zero_checkpoint needs a ZeRO optimizer).
         return "consolidated", f"DeepSpeed has no universal checkpoint between ZeRO-{old} and ZeRO-{new}"
+    if (old == 3) != (new == 3):
+        # ZeRO-3 keeps model states per rank (zero_pp_rank_*_model_states.pt), ZeRO-1/2 in one
+        # mp_rank_00 file: DeepSpeed's engine finds no model states of its own layout (`len(ckpt_list) > 0`).
+        return "consolidated", f"DeepSpeed loads no universal checkpoint between ZeRO-{old} and ZeRO-{new}"
     if (extra_zero.get("offload_optimizer") or {}).get("device") == "nvme":
         # engine.load_checkpoint copies each rank's swap files instead of reading the ZeRO states.
         return "consolidated", "DeepSpeed does not load universal checkpoints with the optimizer offloaded to NVMe"

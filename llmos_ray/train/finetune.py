@@ -3,8 +3,10 @@ checkpoints and export as pretraining (`run_training`)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from typing import Optional
 
 from llmos_ray.config import Config
 from llmos_ray.errors import ConfigError, DataError, ModelError
@@ -31,10 +33,25 @@ def finetune(cfg: Config) -> TrainResult:
         return finished
     with run_log(cfg.run.output_dir):
         tokenizer, train, val = _examples(cfg)
+        train_blocks, val_blocks = example_rows(cfg, train), example_rows(cfg, val)
+        _check_batch(cfg, len(train_blocks))
         init_ray()
-        val_blocks = val.blocks()[: cfg.data.val_max_blocks] if val is not None else None
-        return run_training(cfg, tokenizer, {"train": train.blocks()}, val_blocks, resume_from, job="finetune",
+        if val_blocks is not None:
+            val_blocks = val_blocks[: cfg.data.val_max_blocks]
+        return run_training(cfg, tokenizer, {"train": train_blocks}, val_blocks, resume_from, job="finetune",
                             data_counts={"train": train.counts, "val": val.counts if val else None})
+
+
+def example_rows(cfg: Config, examples):
+    """The rows the loop trains on: one padded example each, or (data.packing=reset) several per row
+    with boundaries; the packing's fill (real tokens / row capacity) goes into the counts."""
+    if examples is None:
+        return None
+    rows = examples.packed_blocks() if cfg.data.packing == "reset" else examples.blocks()
+    real = int(examples.lengths.sum())
+    examples.counts["packing"] = {"mode": cfg.data.packing, "rows": len(rows), "tokens": real,
+                                  "fill": round(real / max(1, rows.shape[0] * rows.shape[-1]), 4)}
+    return rows
 
 
 def _examples(cfg: Config):
@@ -44,13 +61,15 @@ def _examples(cfg: Config):
 
     tokenizer = load_tokenizer(cfg.model.base)
     ensure_chat_template(tokenizer)
-    train_records, val_records = instruction_records(cfg)
+    mixed: dict = {}
+    train_records, val_records = instruction_records(cfg, mixed)
     seq_len, fmt, bad = cfg.data.seq_len, cfg.finetune.format, cfg.data.max_bad_fraction
     train = build_examples(train_records, tokenizer, seq_len, fmt, bad)
     val = build_examples(val_records, tokenizer, seq_len, fmt, 1.0) if val_records else None
+    if mixed:
+        train.counts["mix"] = mixed["train"]
     progress_log.info("fine-tuning data: %s%s", _describe(train.counts),
                       f"; held out: {val.counts['examples']}" if val else "")
-    _check_batch(cfg, len(train.tokens))
     return tokenizer, train, val
 
 
@@ -102,7 +121,8 @@ def _with_base(cfg: Config) -> Config:
 def _check_batch(cfg: Config, n: int) -> None:
     per_step = cfg.train.micro_batch_size * cfg.train.num_workers
     if n < per_step:
-        raise DataError(f"{n} fine-tuning examples are fewer than one step needs "
+        rows = "rows of packed examples" if cfg.data.packing == "reset" else "fine-tuning examples"
+        raise DataError(f"{n} {rows} are fewer than one step needs "
                         f"(train.micro_batch_size * train.num_workers = {per_step})")
 
 
@@ -112,13 +132,17 @@ def _describe(counts: dict) -> str:
             f"{counts['no_target']} dropped with no target left")
 
 
-def instruction_records(cfg: Config) -> tuple[list, list]:
+def instruction_records(cfg: Config, mix_counts: Optional[dict] = None) -> tuple[list, list]:
     """(source, line, record) triples of the train and held-out splits. The user's files are split
-    by a hash of each record (data.val_fraction); the embedded set has its own held-out split."""
+    by a hash of each record (data.val_fraction); the embedded set has its own held-out split.
+    With finetune.mix, each set is split alike and the splits are mixed by weight (`mix_counts`
+    receives the realized shares of each split)."""
     from llmos_ray.data.documents import is_held_out
     from llmos_ray.data.instructions import stdlib_instructions
     from llmos_ray.data.sft import read_sft_records
 
+    if cfg.finetune.mix:
+        return _mixed_records(cfg, mix_counts if mix_counts is not None else {})
     if not cfg.finetune.paths:
         tag = "llmos:stdlib-instructions"
         return ([(tag, i, r) for i, r in enumerate(stdlib_instructions("train"), 1)],
@@ -126,4 +150,20 @@ def instruction_records(cfg: Config) -> tuple[list, list]:
     train, val = [], []
     for source, line, record in read_sft_records(cfg.finetune.paths, cfg.data.storage_options):
         (val if is_held_out(f"{source}:{line}", cfg.data.val_fraction) else train).append((source, line, record))
+    return train, val
+
+
+def _mixed_records(cfg: Config, mix_counts: dict) -> tuple[list, list]:
+    from llmos_ray.config import mix_components
+    from llmos_ray.data.mix import interleave_lists
+
+    parts = mix_components(cfg.finetune.mix, "finetune.mix")
+    splits = []
+    for part in parts:
+        one = copy.deepcopy(cfg)
+        one.finetune.mix, one.finetune.paths = [], list(part.paths)
+        splits.append(instruction_records(one))
+    names, weights = [p.name for p in parts], [p.weight for p in parts]
+    train, mix_counts["train"] = interleave_lists([s[0] for s in splits], names, weights)
+    val, mix_counts["val"] = interleave_lists([s[1] for s in splits], names, weights)
     return train, val

@@ -93,13 +93,24 @@ class Resume:
     state: WorkerState = field(default_factory=WorkerState)
     """Its step, tokens and data position (rescaled to this worker count)."""
     method: Optional[str] = None
-    """On another worker count: 'as_is', 'universal' or 'consolidated' (checkpoint.reshard_method)."""
+    """On another worker count or ZeRO stage: 'as_is', 'universal' or 'consolidated' (checkpoint.reshard_method)."""
     damaged: list[str] = field(default_factory=list)
     """Folder names of damaged checkpoints skipped: a resumed run does not write into them."""
+    same_ranks: bool = True
+    """Written by as many workers as resume it: each rank's RNG state is restored."""
 
     @property
     def resharded(self) -> bool:
         return self.method is not None
+
+    @property
+    def path(self) -> Optional[str]:
+        """How the checkpoint is loaded, as the first metrics record after a resume names it
+        (`resumed_via`): 'same' (as written, RNG included), 'as_is', 'universal', 'consolidated'; None
+        for a fresh start."""
+        if self.checkpoint is None:
+            return None
+        return self.method or "same"
 
 
 @dataclass
@@ -111,6 +122,8 @@ class Training:
     model: Any
     scheduler: Any
     task: Any
+    grad_norm: Optional[float] = None
+    """The last step's gradient norm before clipping, where DeepSpeed records none (ZeRO-0 in fp32)."""
 
 
 @dataclass
@@ -162,19 +175,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     state = resume.state
     reader = open_reader(loop_config.get("train_array"), worker.cfg, worker.job, worker.rank, worker.world,
                          state.data)
-    throughput = measure_throughput(worker, training.model)  # after restore: it draws random numbers
+    throughput = measure_throughput(worker, training.model)
     wandb_run = start_wandb(worker.cfg) if worker.rank == 0 else None
 
     training.engine.train()
     window = MetricsWindow()
+    resumed_via = resume.path
     while state.step < worker.cfg.train.max_steps:
         train_step(training, reader, worker, window)
         state.step += 1
         state.tokens_seen += throughput.tokens_per_step
         state.data = dict(reader.position)
         window.steps += 1
-        report_step(training, state, worker, window, throughput, loop_config.get("val_blocks"), resume.damaged,
-                    wandb_run)
+        if report_step(training, state, worker, window, throughput, loop_config.get("val_blocks"), resume.damaged,
+                       wandb_run, resumed_via):
+            resumed_via = None
     if wandb_run is not None:
         wandb_run.finish()
 
@@ -213,27 +228,31 @@ def setup_worker(loop_config: dict[str, Any]) -> Worker:
 
 def plan_resume(start, worker: Worker) -> Resume:
     """Which checkpoint to start from (a damaged one: the newest complete one before it), its step
-    and data position, and — on another worker count — how to load it: "as_is" (ZeRO-0),
+    and data position, and — on another worker count or ZeRO stage — how to load it: "as_is" (ZeRO-0),
     "universal" (ZeRO-1/2/3, optimizer state carried over) or, where DeepSpeed can't, "consolidated"
-    weights with fresh optimizer moments. The data position keeps the number of blocks consumed;
-    the RNG stays seeded from run.seed (ranks differ)."""
+    weights with fresh optimizer moments. The data position keeps the number of blocks consumed
+    (checkpoint.rescale_position); on another worker count the RNG stays seeded from run.seed."""
     if start is None:
         return Resume()
     start, restored, damaged = ckpt_io.usable_checkpoint(start)
     cfg, world, written_by = worker.cfg, worker.world, restored["world_size"]
     state = WorkerState(restored["step"], restored["tokens_seen"], restored["data"])
-    if written_by == world:
+    old_stage, new_stage = restored["zero_stage"], cfg.deepspeed.zero_stage
+    if written_by == world and old_stage == new_stage:
+        log.info("resume path: same (checkpoint of %d workers, ZeRO-%d, loaded as written)", world, new_stage)
         return Resume(start, state, None, damaged)
+    # Another worker count or another ZeRO stage: DeepSpeed's own load_checkpoint expects the
+    # files of this stage and worker count (else `len(ckpt_list) > 0` fails inside it).
     how, why = ckpt_io.reshard_method(restored, cfg)
     state.data = ckpt_io.rescale_position(state.data, written_by, world, ckpt_io.read_micro_batch_size(start),
                                           cfg.train.micro_batch_size)
+    change = f"{written_by} workers ZeRO-{old_stage} -> {world} workers ZeRO-{new_stage}"
     if how == "consolidated":
-        log.warning("checkpoint was written by %d workers, resuming on %d: loading consolidated weights; "
-                    "optimizer moments restart (%s)", written_by, world, why)
+        log.warning("resume path: consolidated (%s): loading consolidated weights; optimizer moments restart "
+                    "(%s)", change, why)
     else:
-        log.info("checkpoint was written by %d workers, resuming on %d with its optimizer state (%s)",
-                 written_by, world, why)
-    return Resume(start, state, how, damaged)
+        log.info("resume path: %s (%s) with its optimizer state (%s)", how, change, why)
+    return Resume(start, state, how, damaged, same_ranks=written_by == world)
 
 
 def build(worker: Worker, resume: Resume) -> Training:
@@ -301,7 +320,7 @@ def _setup_engine(worker: Worker, model, resume: Resume):
 def restore(training: Training, resume: Resume, worker: Worker) -> None:
     """Load what `resume` planned into the engine: its states as written, through a universal
     checkpoint, or (consolidated weights already in the model) the LR schedule's steps; and this
-    rank's RNG when the worker count is unchanged."""
+    rank's RNG when the worker count is unchanged (dropout then continues as it would have)."""
     if resume.checkpoint is None:
         return
     state = resume.state
@@ -312,8 +331,8 @@ def restore(training: Training, resume: Resume, worker: Worker) -> None:
         ckpt_io.load_universal(training.engine, resume.checkpoint, worker.local_rank, worker.dist)
     else:
         ckpt_io.load_engine(training.engine, resume.checkpoint)
-        if not resume.resharded:
-            ckpt_io.restore_rng(resume.checkpoint, worker.rank)
+    if resume.same_ranks:
+        ckpt_io.restore_rng(resume.checkpoint, worker.rank)
     log.info("rank %d resumed at step %d (epoch %d, micro-batch %d)", worker.rank, state.step,
              state.data["epoch"], state.data["micro_batches"])
 
@@ -324,8 +343,9 @@ def measure_throughput(worker: Worker, model) -> Throughput:
     from llmos_ray.models import flops_per_token, gpu_peak_flops, measure_cpu_peak_flops
 
     cfg, device = worker.cfg, worker.device
-    peak = (gpu_peak_flops(torch.cuda.get_device_name(device)) or 0.0) if device.type == "cuda" \
-        else measure_cpu_peak_flops()
+    with torch.random.fork_rng(devices=[]):  # its random matrices must not move the RNG a resume restored
+        peak = (gpu_peak_flops(torch.cuda.get_device_name(device)) or 0.0) if device.type == "cuda" \
+            else measure_cpu_peak_flops()
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * worker.accumulation * worker.world
     return Throughput(tokens_per_step, flops_per_token(model.config, cfg.data.seq_len), peak * worker.world)
 
@@ -338,18 +358,36 @@ def train_step(training: Training, reader, worker: Worker, window: MetricsWindow
     """One optimizer step: its micro-batches (train.global_batch_size / micro-batch / workers), each
     forward and backward (DeepSpeed steps the optimizer after the last one)."""
     engine, task = training.engine, training.task
-    for _ in range(worker.accumulation):
+    for micro in range(worker.accumulation):
         loss, extras = task.loss(engine, task.batch(reader.next_agreed(worker.dist), worker.device))
         engine.backward(loss)
+        if micro == worker.accumulation - 1 and _norm_unrecorded(engine):
+            training.grad_norm = _grad_norm(training.model)
         engine.step()
         window.add(loss.item(), extras.get("kl"))
 
 
+def _norm_unrecorded(engine) -> bool:
+    """DeepSpeed clips ZeRO-0 fp32 gradients without keeping their norm (engine._take_model_step)."""
+    return not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+def _grad_norm(model) -> float:
+    """The global L2 norm of the (all-reduced, not yet clipped) gradients, as DeepSpeed's clipping computes it."""
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def report_step(training: Training, state: WorkerState, worker: Worker, window: MetricsWindow,
-                throughput: Throughput, val_blocks: Optional[np.ndarray], damaged: list[str], wandb_run) -> None:
+                throughput: Throughput, val_blocks: Optional[np.ndarray], damaged: list[str], wandb_run,
+                resumed_via: Optional[str] = None) -> bool:
     """After a step: the log line's metrics every train.log_every steps, the validation loss every
     train.eval_every, a checkpoint every train.checkpoint_every (and all three at the last step),
-    reported through ray.train.report by every rank (and to wandb by rank 0)."""
+    reported through ray.train.report by every rank (and to wandb by rank 0). The first record after
+    a resume names how the checkpoint was loaded (`resumed_via`, Resume.path). Returns whether
+    anything was reported."""
     t, step = worker.cfg.train, state.step
     last = step == t.max_steps
     metrics: dict[str, Any] = {}
@@ -366,8 +404,10 @@ def report_step(training: Training, state: WorkerState, worker: Worker, window: 
         window.restart_clock()
     checkpoint_now = step % t.checkpoint_every == 0 or last
     if not metrics and not checkpoint_now:
-        return
+        return False
     metrics.setdefault("step", step)
+    if resumed_via is not None:
+        metrics["resumed_via"] = resumed_via
     if wandb_run is not None:
         wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
     if checkpoint_now:
@@ -380,6 +420,7 @@ def report_step(training: Training, state: WorkerState, worker: Worker, window: 
         import ray.train
 
         ray.train.report(metrics)
+    return True
 
 
 def log_metrics(training: Training, state: WorkerState, worker: Worker, window: MetricsWindow,
@@ -392,6 +433,8 @@ def log_metrics(training: Training, state: WorkerState, worker: Worker, window: 
     loss = mean_over_ranks(dist, window.loss / max(1, window.micro_batches), device)
     tps = throughput.tokens_per_step * window.steps / max(elapsed, 1e-9)
     grad_norm = engine.get_global_grad_norm()
+    if grad_norm is None:
+        grad_norm = training.grad_norm
     metrics: dict[str, Any] = dict(
         step=state.step, loss=loss, lr=training.scheduler.get_last_lr()[0], tokens=state.tokens_seen,
         tokens_per_s=tps, mfu=mfu(throughput.flops_per_token, tps, throughput.peak_flops), epoch=state.data["epoch"],

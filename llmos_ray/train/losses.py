@@ -2,6 +2,7 @@
 
     packed blocks [B, T+1]              every next token is a target (pretraining, distillation)
     fine-tuning examples [B, 2, T+1]    tokens and a loss mask: only masked-in tokens are targets
+    (rows with boundaries, data.packing=reset: packing.py builds their inputs and targets)
 
 Targets of -100 carry no loss.
 """
@@ -9,6 +10,7 @@ Targets of -100 carry no loss.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -29,23 +31,25 @@ def inputs_and_targets(batch: np.ndarray, device):
             torch.tensor(batch[:, 1:], dtype=torch.long, device=device))
 
 
-def causal_lm_loss(engine, inputs, targets):
-    """Mean next-token cross-entropy over targets that are not -100."""
+def causal_lm_loss(engine, inputs, targets, forward: Optional[dict] = None):
+    """Mean next-token cross-entropy over targets that are not -100. `forward`: the keyword
+    arguments of the forward pass when there is more than `inputs` (packing.model_inputs)."""
     import torch.nn.functional as F
 
-    logits = engine(input_ids=inputs).logits
+    logits = engine(**(forward or {"input_ids": inputs})).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
-def distill_loss(engine, teacher, inputs, targets, temperature: float, alpha: float):
+def distill_loss(engine, teacher, inputs, targets, temperature: float, alpha: float,
+                 forward: Optional[dict] = None, teacher_forward: Optional[dict] = None):
     """alpha · T² · KL(teacher ‖ student) at temperature T + (1 - alpha) · cross-entropy on the data
     (Hinton et al. 2015), over the positions that carry a target. Returns (loss, KL value)."""
     import torch
     import torch.nn.functional as F
 
-    logits = engine(input_ids=inputs).logits.float()
+    logits = engine(**(forward or {"input_ids": inputs})).logits.float()
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=inputs).logits.float()
+        teacher_logits = teacher(**(teacher_forward or {"input_ids": inputs})).logits.float()
     keep = (targets != -100).reshape(-1)
     s = logits.reshape(-1, logits.size(-1))[keep]
     t = teacher_logits.reshape(-1, teacher_logits.size(-1))[keep][:, : s.size(-1)]
@@ -55,11 +59,11 @@ def distill_loss(engine, teacher, inputs, targets, temperature: float, alpha: fl
     return alpha * temperature**2 * kl + (1 - alpha) * ce, kl.item()
 
 
-def next_token_nll(engine, inputs, targets) -> tuple[float, int]:
+def next_token_nll(engine, inputs, targets, forward: Optional[dict] = None) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over targets that are not -100, and how many there are."""
     import torch.nn.functional as F
 
-    logits = engine(input_ids=inputs).logits.float()
+    logits = engine(**(forward or {"input_ids": inputs})).logits.float()
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum",
                           ignore_index=-100)
     return nll.item(), int((targets != -100).sum())

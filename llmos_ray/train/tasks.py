@@ -8,8 +8,9 @@ engine, checkpoints, resume and export are the same for every task.
     nll, counted = task.nll(engine, batch)        # summed validation NLL and how many targets it scored
 
 Micro-batches are what the readers give (readers.py): packed blocks [B, T+1] (every next token is
-a target), fine-tuning examples [B, 2, T+1] (tokens and a loss mask), or classification examples
-(a structured array, data/classification.py). A new objective is a new Task here, chosen in
+a target), fine-tuning examples [B, 2, T+1] (tokens and a loss mask), rows packed with
+boundaries [B, 3, T+1] (data.packing=reset: packing.py), or classification examples (a structured
+array, data/classification.py). A new objective is a new Task here, chosen in
 `task_for`; its `model_task` says which transformers Auto class the trainer builds, exports and
 serves (models.TASK_CLASSES):
 
@@ -32,6 +33,7 @@ import numpy as np
 from llmos_ray.config import Config
 from llmos_ray.errors import ConfigError
 from llmos_ray.train.losses import causal_lm_loss, distill_loss, inputs_and_targets, next_token_nll
+from llmos_ray.train.packing import BOUNDARY_CHANNELS, boundary_batch, model_inputs
 
 
 @dataclass
@@ -40,16 +42,21 @@ class CausalLM:
 
     name = "causal_lm"
     model_task = "causal_lm"
+    reset_at: Optional[int] = None
+    """data.packing=reset: the EOS id at which packed blocks split into documents that attend only
+    within themselves, positions restarting (packing.py). None: blocks attend across documents."""
 
     def batch(self, micro: np.ndarray, device) -> dict[str, Any]:
+        if (micro.ndim == 2 and self.reset_at is not None) or (micro.ndim == 3 and micro.shape[1] == BOUNDARY_CHANNELS):
+            return boundary_batch(micro, device, self.reset_at)
         inputs, targets = inputs_and_targets(micro, device)
         return {"input_ids": inputs, "targets": targets}
 
     def loss(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-        return causal_lm_loss(engine, batch["input_ids"], batch["targets"]), {}
+        return causal_lm_loss(engine, batch["input_ids"], batch["targets"], model_inputs(engine, batch)), {}
 
     def nll(self, engine, batch: dict[str, Any]) -> tuple[float, int]:
-        return next_token_nll(engine, batch["input_ids"], batch["targets"])
+        return next_token_nll(engine, batch["input_ids"], batch["targets"], model_inputs(engine, batch))
 
 
 @dataclass
@@ -63,7 +70,7 @@ class Distill(CausalLM):
 
     def loss(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         loss, kl = distill_loss(engine, self.teacher, batch["input_ids"], batch["targets"], self.temperature,
-                                self.alpha)
+                                self.alpha, model_inputs(engine, batch), model_inputs(self.teacher, batch))
         return loss, {"kl": kl}
 
 
@@ -188,10 +195,16 @@ def objective(cfg: Config, job: str) -> str:
 def task_for(cfg: Config, job: str, teacher: Optional[Any] = None, tokenizer=None, info: Optional[dict] = None):
     """The task of a run: distillation against `teacher`, masked LM (pretraining a bert), sequence
     classification (finetune.task; `info` from the driver: label names and class weights), else
-    next-token prediction."""
+    next-token prediction. Under data.packing=reset the tokenizer's EOS splits packed blocks into
+    documents (causal objectives only)."""
+    reset_at = tokenizer.eos_token_id if cfg.data.packing == "reset" and tokenizer is not None else None
     if job == "distill":
-        return Distill(teacher=teacher, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
+        return Distill(teacher=teacher, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
+                       reset_at=reset_at)
     kind = objective(cfg, job)
+    if reset_at is not None and kind != "causal_lm":
+        raise ConfigError(f"data.packing=reset packs documents for causal LM objectives; a {kind} run takes "
+                          "data.packing=concat")
     if kind == "masked_lm":
         from llmos_ray.data.masking import continuation_table
 
@@ -202,4 +215,4 @@ def task_for(cfg: Config, job: str, teacher: Optional[Any] = None, tokenizer=Non
     if kind == "classification":
         info = info or {}
         return SequenceClassification(multi_label=cfg.finetune.multi_label, class_weights=info.get("class_weights"))
-    return CausalLM()
+    return CausalLM(reset_at=reset_at)

@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from llmos_ray.data import corpus_stats, documents_dataset, iter_blocks, iter_documents, packed_dataset
@@ -210,3 +211,42 @@ def test_counts_outlive_the_dataset_and_later_pipelines_reuse_the_board(make_cfg
     time.sleep(1)  # a board owned only by the dataset would be gone by now
     assert corpus_stats(cfg)["documents"] == 10
     assert len(rows(packed_dataset(cfg, tiny_tokenizer))) > 0 and corpus_stats(cfg)["documents"] == 10
+
+
+def test_mixture_interleaves_by_weight_the_same_whatever_the_read_tasks(make_cfg, tiny_tokenizer, tmp_path,
+                                                                         monkeypatch):
+    """data.mix through Ray Data: each component read by its own tasks, the ledger interleaves the
+    documents by weight (2:1:1) exactly as the in-process Interleaver does, with one read task per
+    file too; the stats hold the realized shares; the packed rows are those documents, in order."""
+    import llmos_ray.data.pipeline as pipeline
+    from llmos_ray.data.mix import Interleaver
+
+    docs = sample_docs(300)
+    parts = {"a": docs[:150], "b": docs[150:220], "c": docs[220:]}
+    write(tmp_path / "a" / "1.jsonl", jsonl(parts["a"][:90]))
+    write(tmp_path / "a" / "2.jsonl.gz", jsonl(parts["a"][90:]))
+    write(tmp_path / "b.jsonl", jsonl(parts["b"]))
+    write(tmp_path / "c" / "1.jsonl", jsonl(parts["c"][:30]))
+    write(tmp_path / "c" / "2.jsonl", jsonl(parts["c"][30:]))
+    mix = [{"name": "a", "paths": [str(tmp_path / "a")], "weight": 2},
+           {"name": "b", "paths": [str(tmp_path / "b.jsonl")], "weight": 1},
+           {"name": "c", "paths": [str(tmp_path / "c")], "weight": 1}]
+    mixer = Interleaver(list(parts), [2, 1, 1])
+    want = []
+    for c, name in enumerate(parts):
+        want += mixer.push(c, pa.array(parts[name])).to_pylist()
+    for c in range(3):
+        want += mixer.close(c).to_pylist()
+    planned = mixer.counts()
+    assert planned["b"]["exhausted"] and planned["b"]["documents"] == 70  # b runs out first: the pass ends there
+    assert 275 <= len(want) <= 285
+
+    cfg = make_cfg(mix=mix)
+    assert [r["text"] for r in documents_dataset(cfg).iter_rows()] == want
+    stats = corpus_stats(cfg, "train")
+    assert stats["records"] == 300 and stats["mixed_documents"] == len(want)
+    assert stats["mix"] == planned and stats["mix"]["a"]["share"] == pytest.approx(0.5, abs=0.01)
+    monkeypatch.setattr(pipeline, "READ_UNIT_BYTES", (1, 1))  # one read task per file
+    assert len(pipeline.mix_units(pipeline.resolve_corpus(cfg.data))[0]) == 5
+    np.testing.assert_array_equal(np.concatenate(rows(packed_dataset(cfg, tiny_tokenizer))),
+                                  token_stream(tiny_tokenizer, want))

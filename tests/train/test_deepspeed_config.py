@@ -109,3 +109,4 @@ def test_buckets_sized_to_the_model_and_extra_still_wins():
     assert big["reduce_bucket_size"] == 5e7  # capped
     c2 = cfg("deepspeed.zero_stage=3", "deepspeed.extra={zero_optimization: {reduce_bucket_size: 123}}")
     assert deepspeed_config(c2, 2, "cuda", "bf16", hidden_size=256)["zero_optimization"]["reduce_bucket_size"] == 123
+

@@ -175,3 +175,23 @@ def test_distillation_kl_to_teacher_falls(ray_session, tiny_model_dir, tmp_path)
     kl = [h["kl"] for h in result.history if "kl" in h]
     assert len(kl) == 4 and kl[-1] < 0.7 * kl[0]
     assert np.isfinite(result.metrics["loss"])
+
+
+def test_finetune_mix_interleaves_instruction_sets_by_weight(tmp_path):
+    """finetune.mix: each set split by its records' hash, the splits mixed 3:1 in order, shares counted."""
+    from llmos_ray.train.finetune import instruction_records
+
+    for name, n in (("qa", 400), ("code", 200)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"prompt": f"{name} question {i}", "completion": f" answer {i}"}) + "\n")
+    cfg = load_config(None, {"finetune.mix": [{"name": "qa", "paths": [str(tmp_path / "qa.jsonl")], "weight": 3},
+                                              {"name": "code", "paths": [str(tmp_path / "code.jsonl")]}],
+                             "data.val_fraction": 0.1}).resolved("finetune")
+    counts: dict = {}
+    train, val = instruction_records(cfg, counts)
+    qa = [r for _, _, r in train if r["prompt"].startswith("qa")]
+    assert counts["train"]["qa"]["share"] == pytest.approx(0.75, abs=0.01) and counts["train"]["qa"]["exhausted"]
+    assert len(qa) == counts["train"]["qa"]["documents"] and 300 < len(qa) < 400  # ~10% held out
+    assert [int(r["prompt"].split()[-1]) for r in qa] == sorted(int(r["prompt"].split()[-1]) for r in qa)
+    assert not {(s, line) for s, line, _ in train} & {(s, line) for s, line, _ in val}

@@ -6,7 +6,9 @@ global batches. Data is an in-memory block array so both see identical batches; 
 Data path is exercised by the CLI tests and by test_streamed_corpus_resumes_with_the_same_batches.
 
 Tolerances: ZeRO only changes the order of floating-point sums, so fp32 losses agree to ~1e-5;
-we assert 2e-3 absolute.
+we assert 2e-3 absolute. The tight parity checks (loss at 1e-4 and grad norm at rtol 1e-4 for ZeRO
+0/1/2/3 with accumulation, clipping, offload, bf16; a fresh preset under ZeRO-3; resume paths) are in
+test_parity.py; the end-to-end runs here (ZeRO-2 and ZeRO-3) cover metrics, export, S3, restarts.
 """
 
 from __future__ import annotations
@@ -87,14 +89,15 @@ def reference_losses(base, train, cfg, steps=STEPS):
 
 @pytest.fixture(scope="module")
 def runs(ray_session, s3_server, blocks, tiny_model_dir, tmp_path_factory):
-    """ZeRO 0, 2 and 3 runs of the same model and data (shared by several tests). The ZeRO-3 run
-    keeps its checkpoints on S3 (a local moto server)."""
+    """ZeRO 2 and 3 runs of the same model and data (shared by several tests). The ZeRO-3 run
+    keeps its checkpoints on S3 (a local moto server). ZeRO-0 (and 1) are proven step by step in
+    test_parity.py, at tighter tolerances."""
     import boto3
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="zero-runs")
     tmp = tmp_path_factory.mktemp("zero")
     out = {}
-    for stage in (0, 2, 3):
+    for stage in (2, 3):
         extra = ["run.storage_path=s3://zero-runs/checkpoints"] if stage == 3 else []
         cfg = make_config(tmp, f"zero{stage}", tiny_model_dir, f"deepspeed.zero_stage={stage}", *extra)
         out[stage] = (cfg, run_training(cfg, blocks["tokenizer"], {"train": blocks["train"]}, blocks["val"], None))
@@ -106,7 +109,7 @@ def reference(blocks, tiny_model_dir, runs):
     return reference_losses(tiny_model_dir, blocks["train"], runs[2][0])
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stage_matches_single_process_pytorch(runs, reference, stage):
     cfg, result = runs[stage]
     got = losses(result.history)
@@ -166,18 +169,6 @@ def test_export_loads_generates_and_stops_at_eos(runs):
     prompt_len = prompt["input_ids"].shape[1]
     out = model.generate(**prompt, max_new_tokens=20, do_sample=False, logits_processor=[EosAtThird()])
     assert out.shape[1] == prompt_len + 3 and out[0, -1].item() == tok.eos_token_id
-
-
-def test_fresh_preset_starts_identically_under_zero3_and_zero0(ray_session, blocks, tmp_path):
-    """No base model: both stages build the preset from the seed; ZeRO-3 must not corrupt it."""
-    first = {}
-    for stage in (0, 3):
-        cfg = make_config(tmp_path, f"fresh{stage}", "null", "model.family=gpt2", "model.size=tiny",
-                          f"deepspeed.zero_stage={stage}", "train.max_steps=2", "train.export=false")
-        result = run_training(cfg, blocks["tokenizer"], {"train": blocks["train"]}, None, None)
-        first[stage] = losses(result.history)
-    assert np.isfinite(first[3][1]) and first[3][1] == pytest.approx(first[0][1], abs=1e-4)
-    assert first[3][2] == pytest.approx(first[0][2], abs=LOSS_ATOL)
 
 
 def test_worker_killed_mid_run_finishes_at_exact_step(ray_session, blocks, tiny_model_dir, tmp_path, runs):
