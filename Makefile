@@ -20,7 +20,7 @@ run: install
 	$(VENV)/bin/llmos pretrain
 
 test: install
-	$(PY) -m pytest -x -q tests
+	$(PY) -m pytest -x -q --durations=25 tests
 
 test-fast: install
 	LLMOS_TEST_FAST=1 $(PY) -m pytest -x -q -m "not slow" tests
