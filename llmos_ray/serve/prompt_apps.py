@@ -54,7 +54,9 @@ def _not_blank(value: str) -> str:
 
 
 def _field(p: Param) -> tuple[Any, Any]:
-    """A parameter as a pydantic field: its type, choices, bounds and length; optional ones nullable."""
+    """A parameter as a pydantic field: its type, choices, bounds and length; optional ones nullable.
+    Fields are named `param_<name>` with the parameter's name as alias, so that no parameter name
+    can collide with the model's own attributes."""
     if p.enum:
         kind: Any = Literal[tuple(p.enum)]  # type: ignore[valid-type]
     else:
@@ -63,18 +65,24 @@ def _field(p: Param) -> tuple[Any, Any]:
         kind = Annotated[_SCALARS[p.type], Field(**bounds)] if bounds else _SCALARS[p.type]
         if p.type == "string" and p.required:
             kind = Annotated[kind, AfterValidator(_not_blank)]
-    required = p.required and p.default is None
-    return (kind, ...) if required else (Optional[kind], None)
+    if p.required and p.default is None:
+        return kind, Field(alias=p.name)
+    return Optional[kind], Field(None, alias=p.name)
 
 
 def request_model(spec: AppSpec) -> type[BaseModel]:
     """The strict model of a request body to app `spec`: `model`, its parameters, the sampling fields."""
     key = f"{spec.name}@{spec.version}:{spec.parameters!r}"
     if key not in _models:
-        fields = {p.name: _field(p) for p in spec.parameters}
+        fields = {f"param_{p.name}": _field(p) for p in spec.parameters}
         name = "".join(part.title() for part in spec.name.replace("-", "_").split("_")) + "AppRequest"
         _models[key] = create_model(name, __base__=SamplingFields, model=(Optional[str], None), **fields)
     return _models[key]
+
+
+def parameter_values(spec: AppSpec, req: BaseModel) -> dict[str, Any]:
+    """{parameter name: value or None} of a request validated by `request_model(spec)`."""
+    return {p.name: getattr(req, f"param_{p.name}") for p in spec.parameters}
 
 
 async def catalog(apps: AppCatalog) -> dict[str, Any]:
@@ -143,7 +151,7 @@ async def run(models: ServedModels, apps: AppCatalog, app: str, body: bytes, ctx
     """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
     spec = await find(apps, app)
     req = parse_body(body, request_model(spec))
-    messages = spec.render({p.name: getattr(req, p.name) for p in spec.parameters})
+    messages = spec.render(parameter_values(spec, req))
     model = models.get(choose_model(spec, req.model, models), ctx)
     require_generative(model)
     await check_requirements(spec, model, models)

@@ -9,7 +9,7 @@ import pytest
 
 from llmos_ray.serve.app_store import builtin_apps
 from llmos_ray.serve.kserve import parse_generate, parse_infer
-from llmos_ray.serve.prompt_apps import request_model
+from llmos_ray.serve.prompt_apps import parameter_values, request_model
 from llmos_ray.serve.protocol import ChatCompletionRequest, CompletionRequest
 from llmos_ray.serve.types import APIError, SamplingParams
 from llmos_ray.serve.validation import parse_body, read_json
@@ -55,7 +55,7 @@ def test_app_parameters_sent_as_null_are_absent():
     app = builtin_apps()["summarize"]
     model = request_model(app)
     req = parse_body(b'{"text": "hello", "max_words": null, "style": null}', model)
-    assert "at most 60 words." in app.render({p.name: getattr(req, p.name) for p in app.parameters})[1]["content"]
+    assert "at most 60 words." in app.render(parameter_values(app, req))[1]["content"]
     assert refused(parse_body, b'{"text": "hello", "style": "poem"}', model).param == "style"
     assert refused(parse_body, b'{"text": "hello", "max_words": 0}', model).param == "max_words"
     assert refused(parse_body, b'{"text": " "}', model).param == "text"
