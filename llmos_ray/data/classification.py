@@ -112,6 +112,19 @@ class Examples:
     """records, examples, bad_records, truncated, per_label, bad_by_file ({file: [{line, reason}]})."""
 
 
+def parse_labelled(record: Any, index: dict[str, int], multi_label: bool) -> tuple[list[str], str, Optional[str]]:
+    """(label names, text, text_pair) of one record, or ValueError saying what is wrong with it: a line
+    that did not parse (`record` the Exception), no usable label or text, or a label not in `index`."""
+    if isinstance(record, Exception):
+        raise ValueError(str(record))
+    names = label_of(record, multi_label)
+    text, pair = texts_of(record)
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise ValueError(f"label {unknown[0]!r} is not one the model was trained on ({_few(list(index))})")
+    return names, text, pair
+
+
 def encode_examples(records: Iterable[tuple[str, int, Any]], tokenizer, labels: Sequence[str], seq_len: int,
                     multi_label: bool = False, token_types: bool = False,
                     max_bad_fraction: float = 1.0) -> Examples:
@@ -128,13 +141,7 @@ def encode_examples(records: Iterable[tuple[str, int, Any]], tokenizer, labels: 
         seen = per_file.setdefault(source, [0, 0])
         seen[0] += 1
         try:
-            if isinstance(record, Exception):
-                raise ValueError(str(record))
-            names = label_of(record, multi_label)
-            text, pair = texts_of(record)
-            unknown = [n for n in names if n not in index]
-            if unknown:
-                raise ValueError(f"label {unknown[0]!r} is not one the model was trained on ({_few(labels)})")
+            names, text, pair = parse_labelled(record, index, multi_label)
         except ValueError as e:
             seen[1] += 1
             counts["bad_records"] += 1

@@ -62,7 +62,7 @@ def model_labels(uri: str) -> tuple[list[str], bool]:
 
 def score_classifier(triples: list, model: dict, cfg: Config, resources: dict, threads: int) -> dict:
     """One classifier's figures on `triples`: classification_scores, bad records (file, line, reason)."""
-    from llmos_ray.data.classification import label_of, texts_of
+    from llmos_ray.data.classification import parse_labelled
     from llmos_ray.eval.metrics import classification_scores
 
     labels, multi = model_labels(model["uri"])
@@ -70,13 +70,7 @@ def score_classifier(triples: list, model: dict, cfg: Config, resources: dict, t
     rows, truth, bad = [], [], []
     for source, line, record in triples:
         try:
-            if isinstance(record, Exception):
-                raise ValueError(str(record))
-            names = label_of(record, multi)
-            text, pair = texts_of(record)
-            unknown = [n for n in names if n not in index]
-            if unknown:
-                raise ValueError(f"label {unknown[0]!r} is not one the model was trained on")
+            names, text, pair = parse_labelled(record, index, multi)
         except ValueError as e:
             bad.append({"file": source, "line": line, "reason": str(e)})
             continue
