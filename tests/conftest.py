@@ -140,6 +140,21 @@ def stdlib_texts(n: int = 40) -> list[str]:
     return [open(f, encoding="utf-8", errors="replace").read() for f in files]
 
 
+def stdlib_blocks(tokenizer_dir: str, seq_len: int, n_texts: int = 12):
+    """(tokenizer, int32 blocks [N, seq_len + 1]): the first `n_texts` standard-library modules
+    tokenized, each followed by EOS, packed into whole blocks."""
+    import numpy as np
+
+    from llmos_ray.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    ids = []
+    for text in stdlib_texts(n_texts):
+        ids += tok(text)["input_ids"] + [tok.eos_token_id]
+    n = len(ids) // (seq_len + 1)
+    return tok, np.array(ids[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
     from llmos_ray.data.tokenizer import train_tokenizer

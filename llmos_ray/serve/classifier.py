@@ -21,7 +21,6 @@ from typing import Any, Optional, Sequence, Union
 
 from ray import serve
 
-from llmos_ray.serve.loading import cluster_has_gpus
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import APIError
 
@@ -111,16 +110,6 @@ class ClassifierServer:
 
 def classifier_deployment(spec: ModelSpec):
     """The bound Serve deployment of one classifier, with the spec's replicas and capacity."""
-    num_gpus = spec.num_gpus
-    if num_gpus is None:
-        num_gpus = 1 if spec.device == "cuda" or (spec.device == "auto" and cluster_has_gpus()) else 0
-    options: dict[str, Any] = dict(name=spec.deployment_name, max_ongoing_requests=spec.max_ongoing_requests,
-                                   max_queued_requests=spec.max_queued_requests,
-                                   ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": num_gpus},
-                                   health_check_period_s=5, graceful_shutdown_timeout_s=30)
-    if spec.min_replicas == spec.max_replicas:
-        options["num_replicas"] = spec.max_replicas
-    else:
-        options["autoscaling_config"] = {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
-                                         "target_ongoing_requests": spec.target_ongoing_requests}
-    return serve.deployment(ClassifierServer).options(**options).bind(spec.to_dict())
+    from llmos_ray.serve.replica import deployment_options
+
+    return serve.deployment(ClassifierServer).options(**deployment_options(spec)).bind(spec.to_dict())

@@ -170,12 +170,14 @@ def _resolve(future: asyncio.Future, value) -> None:
         future.set_result(value)
 
 
-def model_deployment(spec: ModelSpec):
-    """The bound Serve deployment of one model, with its autoscaling and capacity settings."""
+def deployment_options(spec: ModelSpec) -> dict[str, Any]:
+    """Serve deployment options of one model's replicas (a generator's or a classifier's): name,
+    capacity, CPUs/GPUs (a GPU when the spec asks for one, or on `auto` when the cluster has them),
+    health checks, and fixed replicas or autoscaling."""
     num_gpus = spec.num_gpus
     if num_gpus is None:
         num_gpus = 1 if spec.device == "cuda" or (spec.device == "auto" and cluster_has_gpus()) else 0
-    options = dict(
+    options: dict[str, Any] = dict(
         name=spec.deployment_name,
         max_ongoing_requests=spec.max_ongoing_requests,
         max_queued_requests=spec.max_queued_requests,
@@ -188,4 +190,9 @@ def model_deployment(spec: ModelSpec):
     else:
         options["autoscaling_config"] = {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
                                          "target_ongoing_requests": spec.target_ongoing_requests}
-    return serve.deployment(ModelServer).options(**options).bind(spec.to_dict())
+    return options
+
+
+def model_deployment(spec: ModelSpec):
+    """The bound Serve deployment of one model, with its autoscaling and capacity settings."""
+    return serve.deployment(ModelServer).options(**deployment_options(spec)).bind(spec.to_dict())

@@ -59,15 +59,10 @@ def cfg_for(root, name, *overrides, world=WORLD, accum=2, micro=MICRO, base=None
 
 @pytest.fixture(scope="module")
 def blocks(tiny_tokenizer_dir):
-    from llmos_ray.data.tokenizer import load_tokenizer
-    from tests.conftest import stdlib_texts
+    from tests.conftest import stdlib_blocks
 
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    ids = []
-    for text in stdlib_texts(12):
-        ids += tok(text)["input_ids"] + [tok.eos_token_id]
-    n = len(ids) // (SEQ + 1)
-    return tok, np.array(ids[: n * (SEQ + 1)], dtype=np.int32).reshape(n, SEQ + 1)[:160]
+    tok, arr = stdlib_blocks(tiny_tokenizer_dir, SEQ)
+    return tok, arr[:160]
 
 
 def first_fit_specs(root, base, ckpt):

@@ -37,15 +37,9 @@ LOSS_ATOL = 2e-3
 
 @pytest.fixture(scope="module")
 def blocks(tiny_tokenizer_dir):
-    from llmos_ray.data.tokenizer import load_tokenizer
-    from tests.conftest import stdlib_texts
+    from tests.conftest import stdlib_blocks
 
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    ids = []
-    for text in stdlib_texts(12):
-        ids += tok(text)["input_ids"] + [tok.eos_token_id]
-    n = len(ids) // (SEQ + 1)
-    arr = np.array(ids[: n * (SEQ + 1)], dtype=np.int32).reshape(n, SEQ + 1)
+    tok, arr = stdlib_blocks(tiny_tokenizer_dir, SEQ)
     return {"tokenizer": tok, "train": arr[: STEPS * MICRO * WORKERS], "val": arr[-32:]}
 
 
