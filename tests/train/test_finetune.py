@@ -122,6 +122,11 @@ def test_full_finetune_lowers_held_out_loss_and_keeps_the_chat_template(ray_sess
     result = finetune(cfg)
     vals = [h["val_loss"] for h in result.history if "val_loss" in h]
     assert len(vals) == 2 and vals[1] < vals[0] - 0.1
+    # Reports every 2 steps of ~0.1 s: Ray Train's controller, which takes one report per poll (2 s
+    # by default), must not set the pace (trainer.CONTROLLER_POLL_S). Throttled, every gap is >= 2 s.
+    times = [h["time"] for h in result.history if "loss" in h]
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    assert len(gaps) == 7 and gaps[len(gaps) // 2] < 1.0, gaps
     counts = json.load(open(os.path.join(result.output_dir, "data_stats.json")))
     assert counts["train"]["bad_records"] + (counts["val"] or {}).get("bad_records", 0) == 1
     exported = AutoTokenizer.from_pretrained(result.export_dir)
