@@ -2,7 +2,7 @@
 
 One classifier is fine-tuned per session (tests/conftest.py `classifier_run`: bert-tiny from
 scratch on the embedded language-ID set's shipped sample, ZeRO-2, 2 workers); a second run
-resumes its step-40 checkpoint on one worker (the same global batch), so the second
+resumes its step-40 checkpoint on one worker under ZeRO-3 (the same global batch), so the second
 half of its loss curve must be the first run's. Beating the majority class: the held-out split
 has 5 records of each of 8 languages (majority 0.125); the bar of 0.4 is well below what 80 steps
 reach (0.6-0.7 in a plain torch loop of the same model, data and schedule, 2026-12-02) and far above chance.
@@ -65,9 +65,10 @@ def test_classifier_learns_exports_with_its_labels_and_works_in_pipelines(classi
     assert stats["source"]["source"].startswith("sample:")
 
 
-def test_resume_on_one_worker_continues_the_same_loss(classifier_run, tmp_path):
-    """Step 40 of the 2-worker ZeRO-2 run, resumed on one worker (universal checkpoint, same
-    global batch of 32): steps 41-80 repeat the uninterrupted run's losses."""
+def test_resume_on_one_worker_under_zero3_continues_the_same_loss(classifier_run, tmp_path):
+    """Step 40 of the 2-worker ZeRO-2 run, resumed on one worker under ZeRO-3 (a universal checkpoint
+    resharded to the new stage, same global batch of 32): steps 41-80 repeat the uninterrupted run's
+    losses, so a classifier trains under ZeRO-3 as it does under ZeRO-2."""
     from llmos_ray.train.finetune import finetune
     from llmos_ray.train.runs import checkpoints_of
 
@@ -75,8 +76,10 @@ def test_resume_on_one_worker_continues_the_same_loss(classifier_run, tmp_path):
     ckpts = checkpoints_of(load_config(os.path.join(first.output_dir, "config.yaml")))
     start = next(c.uri for c in ckpts if c.step == CLASSIFIER_STEPS // 2)
     cfg = load_config(None, classifier_overrides(tmp_path, "resumed", "train.num_workers=1",
-                                                 f"run.resume={start}"))
+                                                 "deepspeed.zero_stage=3", f"run.resume={start}"))
     resumed = finetune(cfg)
+    assert next(h["resumed_via"] for h in resumed.history if "resumed_via" in h) == "universal"
+    assert load_config(os.path.join(resumed.export_dir, "llmos_config.yaml")).deepspeed.zero_stage == 3
     before = {h["step"]: h["loss"] for h in first.history if "loss" in h}
     after = {h["step"]: h["loss"] for h in resumed.history if "loss" in h}
     assert sorted(after) == list(range(CLASSIFIER_STEPS // 2 + 2, CLASSIFIER_STEPS + 1, 2))
