@@ -221,10 +221,13 @@ def test_serving_metrics_reach_the_metrics_endpoint(cluster, served):
 
 
 def test_serve_replica_killed_under_load_recovers_and_nothing_hangs(served):
+    """SIGKILL the model's only replica under 4 clients: requests in flight fail fast or are retried,
+    requests sent while Serve replaces it wait for the new replica (however long its start takes on
+    a loaded machine), and once the model answers again no request is left waiting."""
     import httpx
 
     pid = httpx.get(f"{served}/v1/stats", timeout=10).json()["models"]["ft"]["pid"]
-    timeout_s, results, stop = 30.0, [], threading.Event()
+    timeout_s, results, stop = 120.0, [], threading.Event()
 
     def load():
         client = openai_client(served, timeout=timeout_s)
@@ -252,6 +255,9 @@ def test_serve_replica_killed_under_load_recovers_and_nothing_hangs(served):
     for t in threads:
         t.join(timeout=timeout_s + 5)
     assert not any(t.is_alive() for t in threads)
-    assert all(elapsed < timeout_s for _, elapsed, _ in results), "a request hung until its timeout"
+    back_at = min(t0 + elapsed for t0, elapsed, ok in results if ok and t0 > killed_at)
+    # 8-token answers take well under a second here; 10 s is room for a loaded machine, not a hang.
+    late = [(round(t0 - killed_at, 1), round(elapsed, 1)) for t0, elapsed, _ in results if t0 + elapsed > back_at + 10]
+    assert not late, f"requests still waiting 10 s after the model answered again (sent at, took): {late}"
     assert any(ok for t0, _, ok in results if t0 < killed_at)
     assert httpx.get(f"{served}/v1/stats", timeout=10).json()["models"]["ft"]["pid"] != pid
