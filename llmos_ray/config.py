@@ -182,6 +182,9 @@ class ModelConfig:
 class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (one per GPU on a GPU cluster)."""
+    min_workers: Optional[int] = None
+    """Elastic training: when nodes are lost, continue on as few as this many workers (and grow back to
+    num_workers when they return), the global batch kept by more accumulation; None = always num_workers."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' uses GPUs when the cluster has them at submission, CPU otherwise; 'cuda' waits for GPU
     workers (an autoscaling cluster adds the nodes)."""
@@ -231,6 +234,16 @@ class TrainConfig:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size * train.num_workers = {self.micro_batch_size * self.num_workers}")
+        if self.min_workers is not None:
+            if not 1 <= self.min_workers <= self.num_workers:
+                raise ConfigError(f"train.min_workers must be in [1, train.num_workers={self.num_workers}], got "
+                                  f"{self.min_workers}")
+            batch = self.global_batch_size or self.micro_batch_size * self.num_workers
+            odd = [w for w in range(self.min_workers, self.num_workers + 1) if batch % (self.micro_batch_size * w)]
+            if odd:
+                raise ConfigError(f"elastic training keeps the global batch ({batch}) on {self.min_workers} to "
+                                  f"{self.num_workers} workers: it must be a multiple of train.micro_batch_size * "
+                                  f"workers for each, not for {odd[0]} workers; set train.global_batch_size")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:

@@ -25,12 +25,14 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
     """Micro-batches per optimizer step so that micro * accumulation * world = global batch."""
     t = cfg.train
     per_step = t.micro_batch_size * world_size
-    if t.global_batch_size is None:
+    # Elastic (train.min_workers): the global batch of num_workers is kept on fewer workers.
+    batch = t.global_batch_size or (t.micro_batch_size * t.num_workers if t.min_workers is not None else None)
+    if batch is None:
         return 1
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+    if batch % per_step:
+        raise ConfigError(f"train.global_batch_size={batch} is not a multiple of "
                           f"train.micro_batch_size * workers = {per_step}")
-    return t.global_batch_size // per_step
+    return batch // per_step
 
 
 def uses_client_optimizer(cfg: Config, device: str) -> bool:

@@ -168,7 +168,7 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
                            "val_blocks": val_blocks if val_blocks is not None and len(val_blocks) else None,
                            "resume_from": resume_from, "train_array": arrays.get("train"), "job": job,
                            "task_info": task_info or {}},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=scaling_workers(cfg), use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path,
@@ -206,6 +206,14 @@ def run_training(cfg: Config, tokenizer, datasets: dict, val_blocks: Optional[np
     return TrainResult(metrics=dict(result.metrics or {}), checkpoint=checkpoint, export_dir=export_dir,
                        output_dir=cfg.run.output_dir, history=history, run_name=cfg.run.name,
                        seconds=time.time() - t0, data_counts=data_counts)
+
+
+def scaling_workers(cfg: Config):
+    """Ray Train's num_workers: train.num_workers, or (min, max) for elastic training (train.min_workers):
+    a lost node's workers are not waited for, the group restarts on what is left and grows back later."""
+    t = cfg.train
+    return t.num_workers if t.min_workers is None or t.min_workers == t.num_workers else (t.min_workers,
+                                                                                          t.num_workers)
 
 
 def checkpoint_uri(ckpt) -> str:

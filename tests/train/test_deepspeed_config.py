@@ -76,6 +76,20 @@ def test_accumulation_steps():
     assert accumulation_steps(four, 2) == 4
 
 
+def test_elastic_training_keeps_the_global_batch_on_fewer_workers():
+    from llmos_ray.train.trainer import scaling_workers
+
+    elastic = cfg("train.num_workers=2", "train.min_workers=1", "train.micro_batch_size=2")
+    assert scaling_workers(elastic) == (1, 2) and scaling_workers(cfg("train.num_workers=4")) == 4
+    assert [accumulation_steps(elastic, w) for w in (2, 1)] == [1, 2]  # 4 rows per step either way
+    wide = cfg("train.num_workers=4", "train.min_workers=2", "train.micro_batch_size=2", "train.global_batch_size=24")
+    assert [accumulation_steps(wide, w) for w in (4, 3, 2)] == [3, 4, 6]
+    with pytest.raises(ConfigError, match="not for 3 workers"):
+        cfg("train.num_workers=4", "train.min_workers=2", "train.micro_batch_size=2", "train.global_batch_size=16")
+    with pytest.raises(ConfigError, match="train.min_workers must be in"):
+        cfg("train.num_workers=2", "train.min_workers=3")
+
+
 def test_warmup_then_cosine():
     c = cfg("train.max_steps=110", "train.warmup_steps=10", "train.min_lr_ratio=0.1")
     assert lr_at(0, c) == pytest.approx(0.1)
