@@ -1,25 +1,32 @@
-"""Serving throughput: 16 concurrent HTTP clients against our server vs `model.generate` called
-sequentially in one process, for the same 16 requests.
+"""Serving throughput on a mixed-length workload: 16 concurrent streaming HTTP clients against our
+server vs the strongest thing a user could write in a notebook, one static batched `model.generate`
+of the same 16 prompts (left padding), and vs sequential `generate` per request.
 
 Same model (the gpt2 `small` preset, untrained, with a byte-level BPE trained on standard-library
-source), same prompts, greedy, exactly NEW_TOKENS new tokens per request (`ignore_eos` on the
-server, `min_new_tokens` in the baseline). Also measures the single-request overhead: median
-latency of one HTTP completion minus the median of a direct `model.generate` of the same request.
-Both run on the same machine at the same time of the run: baseline and server rounds alternate
-(best of ROUNDS each; the server is idle during baseline rounds), and single requests alternate
-server and direct calls. Torch uses one thread on both sides: on a small shared machine a second
-OpenMP thread does not speed up this model and can stall badly when other processes (here the
-server's proxy and ingress) need the cores. The last line is `ratio=<ours/baseline>` (generated
-tokens per second).
+source), same prompts, greedy, each request asks for its own number of new tokens (MIN_NEW..MAX_NEW,
+fixed seed) and gets exactly that many (`ignore_eos` on the server, `min_new_tokens` in the
+baselines). Useful tokens are what the requests asked for: the static batch runs every row until the
+longest is done, so its rows generate more than that, and only the asked-for tokens count.
 
-    .venv/bin/python bench/serve_throughput.py
+Also measured on our side: time to first token (first streamed chunk) and inter-token latency (gaps
+between a stream's chunks, per generated token), p50/p99; and the single-request overhead: median
+latency of one non-streamed HTTP completion minus the median of a direct `generate` of the same
+request. Baseline and server rounds alternate (best of --rounds each; the server is idle during the
+baseline rounds). Torch threads are the same on both sides (--threads; the replica gets
+serve.num_cpus = threads). The last line is `ratio=<ours / static batched generate>` (useful
+tokens/s); the sequential ratio is printed above it.
+
+    .venv/bin/python bench/serve_throughput.py [--threads 1] [--rounds 2] [--clients 16]
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import glob
+import json
 import os
+import random
 import statistics
 import sys
 import sysconfig
@@ -28,11 +35,18 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CLIENTS = 16
-NEW_TOKENS = 64
-SINGLE_REPEATS = 10
-ROUNDS = 2
-THREADS = 1  # torch threads on both sides: the replica's serve.num_cpus and this process
+MIN_NEW, MAX_NEW = 16, 128
+SINGLE_TOKENS, SINGLE_REPEATS = 16, 10
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=16, help="concurrent requests (default 16)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on each side (default 1)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; each side's best is kept (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the requests' lengths (default 0)")
+    p.add_argument("--port", type=int, default=8765)
+    return p.parse_args()
 
 
 def build_model(out_dir: str) -> str:
@@ -47,45 +61,97 @@ def build_model(out_dir: str) -> str:
     torch.manual_seed(0)
     cfg = preset_config("gpt2", "small", len(tok), 256, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
                         pad_id=tok.pad_token_id)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out_dir)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
     return out_dir
 
 
-def prompts() -> list[str]:
+def workload(clients: int, seed: int) -> list[tuple[str, int]]:
+    """(prompt, new tokens asked for) per request: prompts of 4-17 words, lengths uniform in MIN_NEW..MAX_NEW."""
     words = "the server batches concurrent requests so that every decoding step serves many users".split()
-    return [" ".join(words[: 3 + i % len(words)]) + f" #{i}" for i in range(CLIENTS)]
+    rng = random.Random(seed)
+    return [(" ".join(words[: 3 + i % len(words)]) + f" #{i}", rng.randint(MIN_NEW, MAX_NEW)) for i in range(clients)]
 
 
-def direct_generator(model_dir: str):
-    """(generate(prompt) -> new tokens, parameter count) with plain transformers in this process."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class Direct:
+    """Plain transformers in this process: what a user writes without a server."""
 
-    from llmos_ray.data.tokenizer import load_tokenizer
+    def __init__(self, model_dir: str):
+        from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        from llmos_ray.data.tokenizer import load_tokenizer
 
-    def generate(prompt: str) -> int:
-        ids = torch.tensor([tok.encode(prompt)])
+        self.tok = load_tokenizer(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def one(self, prompt: str, new: int) -> int:
+        import torch
+
+        ids = torch.tensor([self.tok.encode(prompt)])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                      min_new_tokens=new, do_sample=False, pad_token_id=self.tok.pad_token_id)
         return out.shape[1] - ids.shape[1]
 
-    generate(prompts()[0])  # warm up
-    return generate, sum(p.numel() for p in model.parameters())
+    def static_batch(self, requests: list[tuple[str, int]]) -> int:
+        """One left-padded batch of every prompt, run until the longest request is done; returns the
+        useful tokens (each row's asked-for count), having checked every row generated at least that."""
+        import torch
+
+        self.tok.padding_side = "left"
+        enc = self.tok([p for p, _ in requests], return_tensors="pt", padding=True)
+        longest = max(n for _, n in requests)
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id)
+        assert out.shape[1] - enc["input_ids"].shape[1] == longest
+        return sum(n for _, n in requests)
 
 
-def timed(fn) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    tokens = fn()
-    assert tokens == CLIENTS * NEW_TOKENS, tokens
-    return time.perf_counter() - t0, tokens
+class Client:
+    """One streaming client per request over its own connection: tokens, TTFT and chunk gaps."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.url, self.http = url, httpx.Client(timeout=600)
+
+    def stream(self, prompt: str, new: int) -> tuple[int, float, list[float]]:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        first, last, gaps, tokens = None, None, [], 0
+        with self.http.stream("POST", self.url, json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                now = time.perf_counter()
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if not any(c.get("text") for c in event.get("choices", [])):
+                    continue
+                if first is None:
+                    first = now - t0
+                else:
+                    gaps.append(now - last)
+                last = now
+        return tokens, first if first is not None else float("nan"), gaps
+
+    def once(self, prompt: str, new: int) -> int:
+        r = self.http.post(self.url, json={"model": "bench", "prompt": prompt, "max_tokens": new, "temperature": 0,
+                                           "ignore_eos": True})
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 def main() -> int:
@@ -97,58 +163,75 @@ def main() -> int:
     import llmos_ray.serve
     from llmos_ray.config import load_config
 
-    torch.set_num_threads(THREADS)
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    requests = workload(args.clients, args.seed)
+    useful = sum(n for _, n in requests)
     tmp = tempfile.TemporaryDirectory()
     model_dir = build_model(os.path.join(tmp.name, "model"))
-    direct, params = direct_generator(model_dir)
-
+    direct = Direct(model_dir)
+    direct.one(*requests[0])  # warm up
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = 8765
-    llmos_ray.serve.serve(load_config(None, {"serve.models": [f"bench={model_dir}"], "serve.port": port,
-                                             "serve.max_batch_size": CLIENTS, "serve.num_cpus": THREADS}))
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    body = {"model": "bench", "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
-    clients = [httpx.Client(timeout=300) for _ in range(CLIENTS)]
+    llmos_ray.serve.serve(load_config(None, {"serve.models": [f"bench={model_dir}"], "serve.port": args.port,
+                                             "serve.max_batch_size": args.clients, "serve.num_cpus": args.threads}))
+    url = f"http://127.0.0.1:{args.port}/v1/completions"
+    clients = [Client(url) for _ in requests]
+    best = {"static": float("inf"), "sequential": float("inf"), "ours": float("inf")}
+    ttft, itl = [], []
 
-    def ask(i: int, prompt: str) -> int:
-        r = clients[i].post(url, json={**body, "prompt": prompt})
-        r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
+    def timed(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        tokens = fn()
+        assert tokens == useful, (name, tokens, useful)
+        best[name] = min(best[name], time.perf_counter() - t0)
+
+    def ours() -> int:
+        with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+            results = list(pool.map(lambda c, r: c.stream(*r), clients, requests))
+        ttft.extend(first for _, first, _ in results)
+        itl.extend(g for _, _, gaps in results for g in gaps)
+        return sum(tokens for tokens, _, _ in results)
 
     try:
-        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
-            list(pool.map(ask, range(CLIENTS), prompts()))  # warm up every connection and a full batch
-            # The machine is shared: alternate both sides and keep each one's best round.
-            base_s, ours_s = float("inf"), float("inf")
-            for _ in range(ROUNDS):
-                base_s = min(base_s, timed(lambda: sum(direct(p) for p in prompts()))[0])
-                ours_s = min(ours_s, timed(lambda: sum(pool.map(ask, range(CLIENTS), prompts())))[0])
+        with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:  # warm every connection and a full batch
+            list(pool.map(lambda c, r: c.once(*r), clients, requests))
+        for _ in range(args.rounds):
+            timed("static", lambda: direct.static_batch(requests))
+            timed("sequential", lambda: sum(direct.one(p, n) for p, n in requests))
+            ttft.clear(), itl.clear()
+            timed("ours", ours)
         server, local = [], []
         for _ in range(SINGLE_REPEATS):
             t = time.perf_counter()
-            ask(0, prompts()[0])
+            clients[0].once(requests[0][0], SINGLE_TOKENS)
             server.append(time.perf_counter() - t)
             t = time.perf_counter()
-            direct(prompts()[0])
+            direct.one(requests[0][0], SINGLE_TOKENS)
             local.append(time.perf_counter() - t)
-        max_batch = httpx.get(f"http://127.0.0.1:{port}/v1/stats").json()["models"]["bench"]["max_batch_size_seen"]
+        stats = httpx.get(f"http://127.0.0.1:{args.port}/v1/stats").json()["models"]["bench"]
     finally:
-        for c in clients:
-            c.close()
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
-    tokens = CLIENTS * NEW_TOKENS
-    base_rate, our_rate = tokens / base_s, tokens / ours_s
+    rate = {k: useful / v for k, v in best.items()}
+    lengths = [n for _, n in requests]
+    print(f"model: gpt2 small preset, {direct.params / 1e6:.1f}M parameters, CPU, {args.threads} torch thread(s) "
+          f"each side; {len(requests)} requests asking {min(lengths)}-{max(lengths)} new tokens ({useful} in all, "
+          f"seed {args.seed}), greedy; best of {args.rounds} alternating rounds")
+    print(f"baseline, one static batched model.generate: {rate['static']:8.1f} useful tokens/s "
+          f"({best['static']:.2f} s)")
+    print(f"baseline, sequential model.generate:         {rate['sequential']:8.1f} useful tokens/s "
+          f"({best['sequential']:.2f} s)")
+    print(f"ours, {len(requests)} concurrent streaming HTTP clients: {rate['ours']:8.1f} useful tokens/s "
+          f"({best['ours']:.2f} s, largest batch {stats.get('max_batch_size_seen')})")
+    print(f"ours, last round: time to first token p50 {pct(ttft, 0.5) * 1e3:.0f} ms, "
+          f"p99 {pct(ttft, 0.99) * 1e3:.0f} ms; inter-chunk latency p50 {pct(itl, 0.5) * 1e3:.1f} ms, "
+          f"p99 {pct(itl, 0.99) * 1e3:.1f} ms")
     our_single, base_single = statistics.median(server), statistics.median(local)
-    print(f"model: gpt2 small preset, {params / 1e6:.1f}M parameters, CPU, {THREADS} torch thread(s); {CLIENTS} "
-          f"requests x {NEW_TOKENS} new tokens, greedy; best of {ROUNDS} alternating rounds")
-    print(f"baseline, sequential model.generate in-process: {base_rate:8.1f} tokens/s ({base_s:.2f} s)")
-    print(f"ours, {CLIENTS} concurrent HTTP clients:            {our_rate:8.1f} tokens/s ({ours_s:.2f} s, "
-          f"largest batch {max_batch})")
-    print(f"single request (median of {SINGLE_REPEATS}): server {our_single * 1e3:.1f} ms, direct generate "
-          f"{base_single * 1e3:.1f} ms, overhead {(our_single - base_single) * 1e3:+.1f} ms (goal <= 10 ms)")
-    print(f"ratio={our_rate / base_rate:.2f}")
+    print(f"single request, {SINGLE_TOKENS} tokens (median of {SINGLE_REPEATS}): server {our_single * 1e3:.1f} ms, "
+          f"direct generate {base_single * 1e3:.1f} ms, overhead {(our_single - base_single) * 1e3:+.1f} ms")
+    print(f"ratio_sequential={rate['ours'] / rate['sequential']:.2f}")
+    print(f"ratio={rate['ours'] / rate['static']:.2f}")
     return 0
 
 
