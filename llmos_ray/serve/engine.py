@@ -31,11 +31,12 @@ import time
 from typing import Any, Callable, Optional
 
 from llmos_ray.models import context_length, eos_token_ids
+from llmos_ray.serve import logprobs
 from llmos_ray.serve.loading import load_model
 from llmos_ray.serve.prompting import prepare
 from llmos_ray.serve.sampling import is_greedy, sample
 from llmos_ray.serve.spec import ModelSpec
-from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, SamplingParams
+from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, SamplingParams, result_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class _Row:
         self.counts = None
         self.max_batch = 0
         self.max_stop = max((len(s) for s in params.stop), default=0)
+        self.logprobs, self.prompt_logprobs = [], None  # logprobs.TokenLogprob not yet sent (prompt's: once)
 
 
 class Engine:
@@ -203,8 +205,8 @@ class Engine:
             self._decode()
         return True
 
-    def _forward(self, **kwargs):
-        if self._logits_to_keep:
+    def _forward(self, all_logits: bool = False, **kwargs):
+        if self._logits_to_keep and not all_logits:
             kwargs["logits_to_keep"] = 1
         return self.model(use_cache=True, **kwargs)
 
@@ -223,9 +225,15 @@ class Engine:
                 self._fail(new[0], f"prefill failed: {type(e).__name__}: {e}")
             return
         self._join(new, out.past_key_values, mask)
-        self._advance(new, out.logits[:, -1, :])
+        for i, row in enumerate(new):
+            if row.params.prompt_logprobs is not None:
+                row.prompt_logprobs = logprobs.of_prompt(out.logits[i], row.prompt_ids, row.params.prompt_logprobs)
+            if row.params.max_tokens == 0:  # the prompt alone (its logprobs, echo): done at prefill
+                self._emit(row, "length")
+        go = [i for i, row in enumerate(new) if row.params.max_tokens != 0]
+        self._advance([new[i] for i in go], out.logits[go, -1, :])
         self.stats["prefills"] += 1
-        self.stats["generated_tokens"] += len(new)
+        self.stats["generated_tokens"] += len(go)
         self._retire()
 
     def _prefill(self, new: list[_Row]):
@@ -239,7 +247,8 @@ class Engine:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            all_logits=any(r.params.prompt_logprobs is not None for r in new))
         return out, mask
 
     def _decode(self) -> None:
@@ -300,22 +309,27 @@ class Engine:
 
     def _advance(self, rows: list[_Row], logits) -> None:
         """Sample and accept the next token of every row; a row that fails ends alone."""
+        if not rows:
+            return
         sampled = sample(rows, logits)
+        scored = logprobs.of_step(sampled.logits, sampled.tokens, [r.params.logprobs for r in rows])
         for i, (row, token) in enumerate(zip(rows, sampled.tokens)):
             if i in sampled.failed:
                 self._fail(row, f"sampling failed: {sampled.failed[i]}")
                 continue
             try:
-                self._accept(row, token)
+                self._accept(row, token, scored[i])
             except Exception as e:  # e.g. the tokenizer cannot decode the row's tokens
                 self._fail(row, f"{type(e).__name__}: {e}")
 
-    def _accept(self, row: _Row, token: int) -> None:
+    def _accept(self, row: _Row, token: int, scored: Optional[logprobs.TokenLogprob] = None) -> None:
         """Append a sampled token to `row`, find stops, and emit the text that is safe to show."""
         p = row.params
         if token in row.stop_ids and not p.ignore_eos and len(row.generated) >= p.min_tokens:
             return self._emit(row, "stop")
         row.generated.append(token)
+        if scored is not None:
+            row.logprobs.append(scored)
         row.last_token = token
         if row.counts is not None:
             row.counts[token] += 1
@@ -341,7 +355,9 @@ class Engine:
         delta = text[row.sent:safe] if safe > row.sent else ""
         row.sent = max(row.sent, safe)
         if delta or finish:
-            self._send(row, Chunk(delta, finish, len(row.prompt_ids), len(row.generated), row.max_batch))
+            self._send(row, Chunk(delta, finish, len(row.prompt_ids), len(row.generated), row.max_batch,
+                                  logprobs=row.logprobs, prompt_logprobs=row.prompt_logprobs))
+            row.logprobs, row.prompt_logprobs = [], None
 
     def _send(self, row: _Row, chunk: Chunk) -> None:
         """Give `chunk` to the row's consumer; a consumer that raises is gone: the row is cancelled."""
@@ -421,13 +437,14 @@ def _safe_length(text: str, stops: list[str]) -> int:
 
 
 def collect_sync(chunks: "queue.Queue[Chunk]", t0: float) -> Result:
-    parts, first = [], None
+    got, first = [], None
     while True:
         c = chunks.get()
         if first is None:
             first = time.perf_counter() - t0
         if c.error:
             raise APIError(500, f"generation failed: {c.error}", code="generation_error")
-        parts.append(c.text)
+        got.append(c)
         if c.finish_reason:
-            return Result("".join(parts), c.finish_reason, c.prompt_tokens, c.completion_tokens, c.batch_size, first)
+            return result_of(got, first)
+

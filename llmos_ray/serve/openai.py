@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi.responses import JSONResponse, Response
 
 from llmos_ray.serve.classify import require_generative
 from llmos_ray.serve.dispatch import ServedModels
+from llmos_ray.serve.logprobs import chat_logprobs, completion_logprobs, text_length
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import (
     ChatCompletionRequest,
@@ -56,12 +57,24 @@ class Plan:
     """The text the input safety rules read."""
     stream: bool
     include_usage: bool
-    echo: list[str]
-    """Text put before each input's choices (completions' echo), '' otherwise."""
+    echo: list[Optional[str]]
+    """Text put before each input's choices (completions' echo), '' otherwise; None: the prompt's
+    token ids as text (the replica's Result.prompt_text)."""
+    logprobs: Optional[int] = None
+    """Report logprobs with this many alternatives per token (None = off)."""
+    prompt_logprobs: bool = False
+    """Report the prompt's logprobs too (completions' echo)."""
 
     def requests(self, params: SamplingParams) -> list[GenerationRequest]:
         """n generation requests per input, input-major; the i-th choice gets seed + i."""
+        params = replace(params, logprobs=self.logprobs,
+                         prompt_logprobs=self.logprobs if self.prompt_logprobs else None)
         return [GenerationRequest(params=_reseed(params, i), **inp) for inp in self.inputs for i in range(self.n)]
+
+    def echo_text(self, i: int, result) -> str:
+        """The echo of the i-th choice's input ('' without echo)."""
+        echo = self.echo[i // self.n]
+        return (result.prompt_text or "") if echo is None else echo
 
 
 @dataclass(frozen=True)
@@ -76,8 +89,6 @@ class Endpoint:
 
 class _Completions(Endpoint):
     def plan(self, req: CompletionRequest) -> Plan:
-        if req.logprobs:
-            raise bad_request("logprobs: not supported by this server", "logprobs", "unsupported_parameter")
         if req.suffix:
             raise bad_request("suffix: not supported by this server", "suffix", "unsupported_parameter")
         if req.best_of not in (None, req.n):
@@ -85,19 +96,45 @@ class _Completions(Endpoint):
         prompts = _prompts(req.prompt)
         if req.stream and len(prompts) * req.n > 1:
             raise bad_request("stream: streaming supports one prompt with n=1", "stream")
-        return Plan(inputs=[{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts],
+        if req.stream and req.echo and not isinstance(prompts[0], str):
+            raise bad_request("echo: a streamed echo needs the prompt as text, not token ids", "echo")
+        return Plan(inputs=[{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p, "echo": req.echo}
+                            for p in prompts],
                     n=req.n, max_tokens=req.max_tokens, safety_texts=[p for p in prompts if isinstance(p, str)],
                     stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    echo=[p if isinstance(p, str) and req.echo else "" for p in prompts])
+                    echo=[(p if isinstance(p, str) else None) if req.echo else "" for p in prompts],
+                    logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None)
 
-    def response(self, rid: str, model: str, finished: list[tuple[str, str]], use: dict) -> dict:
-        return completion_response(rid, model, [completion_choice(i, t, f) for i, (t, f) in enumerate(finished)], use)
+    def choice(self, index: int, text: str, finish: Optional[str], result, plan: Plan) -> dict:
+        echo = plan.echo_text(index, result)
+        out = completion_choice(index, echo + text, finish)
+        if plan.logprobs is not None and finish != "content_filter":
+            scored = ((result.prompt_logprobs or []) if plan.prompt_logprobs else []) + result.logprobs
+            out["logprobs"] = completion_logprobs(scored)
+        return out
 
-    def start_events(self, rid: str, model: str, created: int, echo: str) -> list[dict]:
-        return [completion_chunk(rid, model, created, echo, None)] if echo else []
+    def response(self, rid: str, model: str, choices: list[dict], use: dict) -> dict:
+        return completion_response(rid, model, choices, use)
 
-    def piece_events(self, rid: str, model: str, created: int, text: str, finish: Optional[str]) -> list[dict]:
-        return [completion_chunk(rid, model, created, text, finish)] if text or finish else []
+    def start_events(self, rid: str, model: str, created: int, plan: Plan, first) -> tuple[list[dict], int]:
+        """The events before the first piece, and the text offset the pieces' logprobs start at."""
+        echo = plan.echo[0]
+        if not echo:
+            return [], 0
+        event = completion_chunk(rid, model, created, echo, None)
+        if plan.prompt_logprobs and first is not None and first.prompt_logprobs is not None:
+            event["choices"][0]["logprobs"] = completion_logprobs(first.prompt_logprobs)
+        return [event], len(echo)
+
+    def piece_events(self, rid: str, model: str, created: int, text: str, finish: Optional[str],
+                     scored: Optional[list], offset: int) -> tuple[list[dict], int]:
+        if not (text or finish):
+            return [], offset
+        event = completion_chunk(rid, model, created, text, finish)
+        if scored is not None:
+            event["choices"][0]["logprobs"] = completion_logprobs(scored, offset)
+            offset += text_length(scored)
+        return [event], offset
 
 
 class _Chat(Endpoint):
@@ -105,8 +142,8 @@ class _Chat(Endpoint):
         if req.tools or req.functions:
             raise bad_request("tools: tool and function calling are not supported by this server", "tools",
                               "unsupported_parameter")
-        if req.logprobs:
-            raise bad_request("logprobs: not supported by this server", "logprobs", "unsupported_parameter")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs: requires logprobs: true", "top_logprobs")
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise bad_request("response_format: only {'type': 'text'} is supported", "response_format",
                               "unsupported_parameter")
@@ -115,17 +152,31 @@ class _Chat(Endpoint):
         messages = _messages(req)
         return Plan(inputs=[{"messages": messages}], n=req.n, max_tokens=req.max_completion_tokens or req.max_tokens,
                     safety_texts=[m["content"] for m in messages], stream=req.stream,
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage), echo=[""])
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage), echo=[""],
+                    logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
-    def response(self, rid: str, model: str, finished: list[tuple[str, str]], use: dict) -> dict:
-        return chat_response(rid, model, [chat_choice(i, t, f) for i, (t, f) in enumerate(finished)], use)
+    def choice(self, index: int, text: str, finish: Optional[str], result, plan: Plan) -> dict:
+        out = chat_choice(index, text, finish)
+        if plan.logprobs is not None and finish != "content_filter":
+            out["logprobs"] = chat_logprobs(result.logprobs)
+        return out
 
-    def start_events(self, rid: str, model: str, created: int, echo: str) -> list[dict]:
-        return [chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)]
+    def response(self, rid: str, model: str, choices: list[dict], use: dict) -> dict:
+        return chat_response(rid, model, choices, use)
 
-    def piece_events(self, rid: str, model: str, created: int, text: str, finish: Optional[str]) -> list[dict]:
-        return (([chat_chunk(rid, model, created, {"content": text}, None)] if text else [])
-                + ([chat_chunk(rid, model, created, {}, finish)] if finish else []))
+    def start_events(self, rid: str, model: str, created: int, plan: Plan, first) -> tuple[list[dict], int]:
+        return [chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)], 0
+
+    def piece_events(self, rid: str, model: str, created: int, text: str, finish: Optional[str],
+                     scored: Optional[list], offset: int) -> tuple[list[dict], int]:
+        events = []
+        if text or scored:
+            events.append(chat_chunk(rid, model, created, {"content": text}, None))
+            if scored is not None:
+                events[-1]["choices"][0]["logprobs"] = chat_logprobs(scored)
+        if finish:
+            events.append(chat_chunk(rid, model, created, {}, finish))
+        return events, offset
 
 
 COMPLETIONS = _Completions("completions", CompletionRequest, "cmpl", "text_completion")
@@ -174,21 +225,24 @@ class OpenAIRoutes:
             first, stream = await self.models.open_stream(spec, gens[0])
             return event_stream(self._events(endpoint, spec, rid, first, stream, plan, ctx))
         results = await asyncio.gather(*(self.models.generate(spec, g) for g in gens))
-        finished = [(plan.echo[i // plan.n] + text, finish)
-                    for i, (text, finish) in enumerate(self.models.finish(spec, results))]
+        choices = [endpoint.choice(i, text, finish, results[i], plan)
+                   for i, (text, finish) in enumerate(self.models.finish(spec, results))]
         use = usage(sum(r.prompt_tokens for r in results[::plan.n]), sum(r.completion_tokens for r in results))
-        return JSONResponse(endpoint.response(rid, spec.name, finished, use),
+        return JSONResponse(endpoint.response(rid, spec.name, choices, use),
                             headers={"x-llmos-batch-size": str(max(r.batch_size for r in results))})
 
     async def _events(self, endpoint, spec: ModelSpec, rid: str, first, stream, plan: Plan,
                       ctx: RequestContext) -> AsyncIterator[str]:
         created, last = int(time.time()), first
         try:
-            for event in endpoint.start_events(rid, spec.name, created, plan.echo[0]):
+            events, offset = endpoint.start_events(rid, spec.name, created, plan, first)
+            for event in events:
                 yield sse(event)
             async for text, finish, chunk in self.models.pieces(spec, first, stream, ctx):
                 last = chunk
-                for event in endpoint.piece_events(rid, spec.name, created, text, finish):
+                scored = chunk.logprobs if plan.logprobs is not None and finish != "content_filter" else None
+                events, offset = endpoint.piece_events(rid, spec.name, created, text, finish, scored, offset)
+                for event in events:
                     yield sse(event)
             if plan.include_usage:
                 yield sse(usage_chunk(rid, spec.name, created, endpoint.chunk_object,
@@ -202,12 +256,15 @@ class OpenAIRoutes:
         created = int(time.time())
         if stream:
             async def events():
-                for event in (endpoint.start_events(rid, model, created, "")
-                              + endpoint.piece_events(rid, model, created, "", "content_filter")):
+                quiet = Plan([], 1, None, [], True, False, [""])
+                for event in (endpoint.start_events(rid, model, created, quiet, None)[0]
+                              + endpoint.piece_events(rid, model, created, "", "content_filter", None, 0)[0]):
                     yield sse(event)
                 yield "data: [DONE]\n\n"
             return event_stream(events())
-        return JSONResponse(endpoint.response(rid, model, [("", "content_filter")] * n, usage(0, 0)))
+        quiet = Plan([], n, None, [], False, False, [""] * n)
+        return JSONResponse(endpoint.response(rid, model, [endpoint.choice(i, "", "content_filter", None, quiet)
+                                                           for i in range(n)], usage(0, 0)))
 
     async def _vllm(self, endpoint, spec: ModelSpec, body: bytes, plan: Plan, ctx: RequestContext) -> Response:
         from llmos_ray.serve import vllm

@@ -36,7 +36,7 @@ def prepare(engine, request: GenerationRequest, default_max_tokens: Optional[int
         bos = engine.tokenizer.bos_token_id
         ids = [bos if bos is not None else min(engine.eos_ids, default=0)]
     room = engine.context_length - len(ids)
-    if room < 1:
+    if room < (0 if params.max_tokens == 0 else 1):  # max_tokens 0: the prompt alone is scored (echo)
         raise bad_request(f"{field_name}: the prompt has {len(ids)} tokens; model {engine.name!r} has a context of "
                           f"{engine.context_length} tokens, leaving no room to generate", field_name,
                           "context_length_exceeded")

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Literal, Optional, Union
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from llmos_ray.serve.logprobs import MAX_TOP_LOGPROBS
 from llmos_ray.serve.validation import LogitBias, Seed, StopSequences, StrictRequest, TokenId
 
 
@@ -42,12 +43,15 @@ class SamplingFields(StrictRequest):
 
 class CompletionRequest(SamplingFields):
     model: str
+    max_tokens: Optional[int] = Field(None, ge=0)
+    """0 (with echo): score the prompt alone, as lm-evaluation-harness does."""
     prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Each token's log-probability and this many alternatives (`logprobs` says which values)."""
     best_of: Optional[int] = None
     suffix: Optional[str] = None
     user: Optional[str] = None
@@ -72,7 +76,7 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     functions: Optional[list[Any]] = None

@@ -21,11 +21,12 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from ray import serve
 
+from llmos_ray.serve import logprobs
 from llmos_ray.serve.engine import Engine
 from llmos_ray.serve.loading import cluster_has_gpus
 from llmos_ray.serve.metrics import get_metrics
 from llmos_ray.serve.spec import ModelSpec
-from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result
+from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, result_of
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,13 @@ class ModelServer:
         self._start_metrics()
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        parts: list[str] = []
+        chunks: list[Chunk] = []
         first: list[float] = []
 
         def sink(chunk: Chunk) -> None:  # scheduler thread; wakes the loop only at the end
             if not first:
                 first.append(time.perf_counter() - t0)
-            parts.append(chunk.text)
+            chunks.append(chunk)
             if chunk.finish_reason:
                 loop.call_soon_threadsafe(_resolve, done, chunk)
 
@@ -123,8 +124,15 @@ class ModelServer:
                 self.engine.cancel(row)
         if last.error:
             return APIError(500, f"generation failed: {last.error}", code="generation_error")
-        return Result("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                      last.batch_size, first[0] if first else 0.0)
+        result = result_of(chunks, first[0] if first else 0.0)
+        self._name(result.logprobs + (result.prompt_logprobs or []))
+        if request.echo and request.prompt_token_ids is not None:
+            result.prompt_text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+        return result
+
+    def _name(self, entries: list) -> None:
+        if entries:
+            logprobs.name_tokens(self.engine.tokenizer, entries)
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Union[Chunk, APIError]]:
         """Chunks as they are decoded (coalesced when the reader is slower than the model)."""
@@ -148,10 +156,13 @@ class ModelServer:
                 while coalesce and not chunk.finish_reason and not chunks.empty():
                     nxt = chunks.get_nowait()  # a slow reader gets fewer, larger pieces
                     nxt.text = chunk.text + nxt.text
+                    nxt.logprobs = chunk.logprobs + nxt.logprobs
+                    nxt.prompt_logprobs = chunk.prompt_logprobs if nxt.prompt_logprobs is None else nxt.prompt_logprobs
                     chunk = nxt
                 if chunk.error:
                     yield APIError(500, f"generation failed: {chunk.error}", code="generation_error")
                     return
+                self._name(chunk.logprobs + (chunk.prompt_logprobs or []))
                 yield chunk
                 if chunk.finish_reason:
                     return

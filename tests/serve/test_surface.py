@@ -1,0 +1,121 @@
+"""The OpenAI surface real clients rely on, over real HTTP on the package's one Serve app
+(`server` in conftest.py): log-probabilities (lm-evaluation-harness's loglikelihood request, chat,
+streams), n > 1 with seeds, usage in streams, /tokenize and /detokenize.
+
+References are computed in this process from the export: one unpadded forward pass (log_softmax
+of its logits), tolerance 1e-4 (the engine's batched, cached values differ by ~1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.serve.conftest import error_of
+from tests.serve.reference import load
+from tests.serve.test_http import openai_client
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-4
+
+
+def log_softmax(model_dir: str, ids: list[int]):
+    import torch
+
+    model, _ = load(model_dir)
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_lm_eval_loglikelihood_request_scores_the_prompt(server):
+    """What lm-evaluation-harness's local-completions sends for loglikelihood: token-id prompts,
+    echo, logprobs 1, temperature 0, max_tokens 1 (older versions and vLLM's docs: 0)."""
+    _, tok = load(server["tiny"])
+    prompts = [tok.encode("The quick brown fox jumps over the lazy dog"), tok.encode("def main():\n    return 1")]
+    client = openai_client(server)
+    for max_tokens in (0, 1):
+        out = client.completions.create(model="tiny", prompt=prompts, echo=True, max_tokens=max_tokens, logprobs=1,
+                                        temperature=0, seed=1234)
+        assert [c.index for c in out.choices] == [0, 1]
+        for ids, choice in zip(prompts, out.choices):
+            lp = choice.logprobs
+            assert len(lp.token_logprobs) == len(ids) + max_tokens
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts it
+            assert choice.text.startswith(tok.decode(ids, skip_special_tokens=True))
+            ref = log_softmax(server["tiny"], ids)
+            for j in range(1, len(ids)):
+                assert abs(lp.token_logprobs[j] - ref[j - 1, ids[j]].item()) < TOL
+                top = lp.top_logprobs[j]  # the best alternative and the chosen token
+                assert abs(max(top.values()) - ref[j - 1].max().item()) < TOL
+                assert top[lp.tokens[j]] == lp.token_logprobs[j]
+            if max_tokens:  # the generated token is the greedy one at the last position
+                assert abs(lp.token_logprobs[-1] - ref[-1].max().item()) < TOL
+            assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        assert out.usage.completion_tokens == max_tokens * len(prompts)
+
+
+def test_completion_logprobs_streamed_equal_whole(server):
+    client = openai_client(server)
+    body = dict(model="tiny", prompt="import os\n", max_tokens=10, temperature=0, logprobs=3)
+    whole = client.completions.create(**body).choices[0]
+    chunks = list(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs]
+    assert "".join(p.text for p in pieces) == whole.text
+    streamed = [t for p in pieces for t in p.logprobs.token_logprobs]
+    assert streamed == whole.logprobs.token_logprobs and len(streamed) == 10
+    assert [t for p in pieces for t in p.logprobs.text_offset] == whole.logprobs.text_offset
+    for top, value in zip(whole.logprobs.top_logprobs, whole.logprobs.token_logprobs):
+        # greedy: the chosen token ranks first; keys are token texts (byte tokens share '\ufffd')
+        assert max(top.values()) == value and 1 <= len(top) <= 3
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_chat_logprobs_through_the_official_client(server):
+    _, tok = load(server["tiny"])
+    messages = [{"role": "user", "content": "Hello there"}]
+    out = openai_client(server).chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                        logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    assert "".join(c.token for c in content) == out.choices[0].message.content
+    for c in content:
+        values = [t.logprob for t in c.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True)
+        assert (c.top_logprobs[0].token, c.top_logprobs[0].logprob) == (c.token, c.logprob)  # greedy
+        assert c.bytes == list(c.token.encode())
+    prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                        add_special_tokens=False)
+    first = log_softmax(server["tiny"], prompt)[-1].topk(3).values.tolist()
+    assert all(abs(a.logprob - b) < TOL for a, b in zip(content[0].top_logprobs, first))
+
+
+def test_n_choices_with_a_seed_are_reproducible_and_differ(server):
+    client = openai_client(server)
+    runs = [client.completions.create(model="tiny", prompt="x =", max_tokens=12, temperature=1.0, seed=3, n=3)
+            for _ in range(2)]
+    texts = [[c.text for c in sorted(r.choices, key=lambda c: c.index)] for r in runs]
+    assert texts[0] == texts[1] and len(set(texts[0])) == 3
+    _, tok = load(server["tiny"])
+    assert runs[0].usage.prompt_tokens == len(tok.encode("x ="))  # one prompt, counted once
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          temperature=1.0, seed=3, n=3)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+
+
+def test_logprob_limits_are_400s_naming_the_field(server):
+    c = server["client"]
+    for body, param in [({"prompt": "a", "logprobs": 21}, "logprobs"), ({"prompt": "a", "logprobs": -1}, "logprobs"),
+                        ({"prompt": "a", "max_tokens": -1}, "max_tokens")]:
+        r = c.post("/v1/completions", json={"model": "tiny", **body})
+        assert r.status_code == 400 and error_of(r)["param"] == param, body
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "a"}]}
+    for body, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"max_tokens": 0}, "max_tokens")]:
+        r = c.post("/v1/chat/completions", json={**chat, **body})
+        assert r.status_code == 400 and error_of(r)["param"] == param, body
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2], "echo": True, "stream": True})
+    assert r.status_code == 400 and error_of(r)["param"] == "echo"
+    assert json.loads(c.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 1}).text)[
+        "choices"][0]["logprobs"] is None
