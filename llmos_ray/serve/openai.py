@@ -26,6 +26,7 @@ from llmos_ray.serve.logprobs import chat_logprobs, completion_logprobs, text_le
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     chat_choice,
     chat_chunk,
@@ -149,7 +150,7 @@ class _Chat(Endpoint):
                               "unsupported_parameter")
         if req.stream and req.n > 1:
             raise bad_request("stream: streaming supports n=1", "n")
-        messages = _messages(req)
+        messages = chat_messages(req.messages)
         return Plan(inputs=[{"messages": messages}], n=req.n, max_tokens=req.max_completion_tokens or req.max_tokens,
                     safety_texts=[m["content"] for m in messages], stream=req.stream,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage), echo=[""],
@@ -292,9 +293,10 @@ def _prompts(prompt) -> list[Union[str, list[int]]]:
     return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Chat messages as the engine takes them ({role, content}), or a 400 naming what we do not support."""
     out = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(messages):
         if m.role == "tool":
             raise bad_request(f"messages.{i}.role: tool messages are not supported (no tool calling)",
                               f"messages.{i}.role")

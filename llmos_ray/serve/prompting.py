@@ -60,14 +60,24 @@ def prepare(engine, request: GenerationRequest, default_max_tokens: Optional[int
     return ids, params, stop_ids
 
 
-def render_chat(engine, messages: list[dict[str, str]]) -> str:
+def tokenize(engine, prompt: Optional[str], messages: Optional[list[dict[str, str]]], add_special_tokens: bool,
+             add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of a prompt or of a conversation (rendered as `prepare` renders it): /tokenize."""
+    if messages is not None:
+        return _encode(engine, render_chat(engine, messages, add_generation_prompt), "messages",
+                       add_special_tokens=add_special_tokens)
+    return _encode(engine, prompt or "", "prompt", add_special_tokens=add_special_tokens)
+
+
+def render_chat(engine, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The prompt text of a conversation: the tokenizer's chat template, or a plain fallback."""
     if engine.has_chat_template:
         try:
-            return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                        tokenize=False)
         except Exception as e:  # jinja raises for roles a template does not accept
             raise bad_request(f"messages: the model's chat template rejected them: {e}", "messages") from None
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
 
 
 def _encode(engine, text: str, field_name: str, **kwargs) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from ray import serve
 
-from llmos_ray.serve import logprobs
+from llmos_ray.serve import embeddings, logprobs, prompting
 from llmos_ray.serve.engine import Engine
 from llmos_ray.serve.loading import cluster_has_gpus
 from llmos_ray.serve.metrics import get_metrics
@@ -90,6 +90,45 @@ class ModelServer:
     def check_health(self) -> None:
         if not self.engine.alive():
             raise RuntimeError(f"the generation thread of model {self.spec.name!r} died")
+
+    async def tokenize(self, prompt: Optional[str], messages: Optional[list], add_special_tokens: bool,
+                       add_generation_prompt: bool, token_strs: bool) -> Union[dict, APIError]:
+        """/tokenize in vLLM's shape."""
+        try:
+            ids = prompting.tokenize(self.engine, prompt, messages, add_special_tokens, add_generation_prompt)
+        except APIError as e:
+            return e
+        return {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids,
+                "token_strs": logprobs.token_texts(self.engine.tokenizer, ids) if token_strs else None}
+
+    async def detokenize(self, ids: list[int]) -> Union[str, APIError]:
+        bad = next((t for t in ids if not 0 <= t < self.engine.vocab_size), None)
+        if bad is not None:
+            return APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {self.engine.vocab_size})",
+                            param="tokens", code="invalid_value")
+        return self.engine.tokenizer.decode(ids)
+
+    async def embed(self, inputs: list) -> Union[tuple[list[list[float]], int], APIError]:
+        """(unit-length embeddings, tokens read) of texts or token-id lists (`embeddings.embed`)."""
+        e, batches = self.engine, []
+        try:
+            for i, item in enumerate(inputs):
+                where = f"input.{i}" if len(inputs) > 1 else "input"
+                ids = prompting.tokenize(e, item, None, True) if isinstance(item, str) else item
+                bad = next((t for t in ids if not 0 <= t < e.vocab_size), None)
+                if not ids or bad is not None or len(ids) > e.context_length:
+                    why = (f"token id {bad} is outside the vocabulary [0, {e.vocab_size})" if bad is not None else
+                           f"{len(ids)} tokens; model {e.name!r} reads at most {e.context_length}")
+                    return APIError(400, f"{where}: {why}", param=where, code="invalid_value")
+                batches.append(ids)
+        except APIError as err:
+            return err
+        pooling, step = self.spec.embedding_pooling, self.spec.max_batch_size
+        vectors = []
+        for k in range(0, len(batches), step):  # a thread: the event loop and the engine go on
+            part = await asyncio.to_thread(embeddings.embed, e.model, batches[k:k + step], pooling, e.pad_id)
+            vectors += part.tolist()
+        return vectors, sum(len(ids) for ids in batches)
 
     def _prepare(self, request: GenerationRequest):
         default = self.spec.default_max_tokens if request.messages is None else None

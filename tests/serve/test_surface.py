@@ -99,6 +99,10 @@ def test_n_choices_with_a_seed_are_reproducible_and_differ(server):
     assert texts[0] == texts[1] and len(set(texts[0])) == 3
     _, tok = load(server["tiny"])
     assert runs[0].usage.prompt_tokens == len(tok.encode("x ="))  # one prompt, counted once
+    r = server["client"].post("/v1/completions", json={"model": "tiny", "prompt": "x =", "max_tokens": 12, "n": 3,
+                                                       "temperature": 1.0, "seed": 3})
+    assert [c["text"] for c in r.json()["choices"]] == texts[0]  # the same seeds over raw HTTP
+    assert int(r.headers["x-llmos-batch-size"]) >= 3  # the n choices decode as rows of one batch
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                                           temperature=1.0, seed=3, n=3)
     assert [c.index for c in chat.choices] == [0, 1, 2]
@@ -119,3 +123,53 @@ def test_logprob_limits_are_400s_naming_the_field(server):
     assert r.status_code == 400 and error_of(r)["param"] == "echo"
     assert json.loads(c.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 1}).text)[
         "choices"][0]["logprobs"] is None
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(server):
+    _, tok = load(server["tiny"])
+    c = server["client"]
+    r = c.post("/tokenize", json={"model": "tiny", "prompt": "def main():", "return_token_strs": True}).json()
+    assert r["tokens"] == tok.encode("def main():") and r["count"] == len(r["tokens"]) and r["max_model_len"] > 0
+    assert r["token_strs"] == [tok.decode([t]) for t in r["tokens"]]
+    assert c.post("/detokenize", json={"model": "tiny", "tokens": r["tokens"]}).json() == {
+        "prompt": tok.decode(r["tokens"])}
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat = openai_client(server).chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    r = c.post("/tokenize", json={"model": "tiny", "messages": messages}).json()
+    assert r["count"] == chat.usage.prompt_tokens and r["token_strs"] is None
+    for path, body, param in [("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+                              ("/tokenize", {}, "prompt"), ("/detokenize", {"tokens": [10**9]}, "tokens"),
+                              ("/detokenize", {"tokens": ["a"]}, "tokens.0")]:
+        r = c.post(path, json={"model": "tiny", **body})
+        assert r.status_code == 400 and error_of(r)["param"] == param, (path, body)
+    assert c.post("/tokenize", json={"model": "nope", "prompt": "a"}).status_code == 404
+
+
+def test_embeddings_equal_a_forward_pass_through_the_official_client(server):
+    import base64
+
+    import numpy as np
+
+    from tests.serve.test_embeddings import reference
+
+    texts = ["def main():\n    return 1", "x"]
+    client = openai_client(server)
+    for name, pooling, adapter in (("tiny", "mean", None), ("lora", "last", server["lora"])):
+        model, tok = load(server["tiny"], adapter)
+        out = client.embeddings.create(model=name, input=texts)  # the client asks for base64 and decodes it
+        assert [d.index for d in out.data] == [0, 1] and out.model == name
+        for d, text in zip(out.data, texts):
+            assert np.abs(np.array(d.embedding) - reference(model, tok.encode(text), pooling).numpy()).max() < 1e-5
+        assert out.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts) == out.usage.total_tokens
+    ids = tok.encode(texts[0])
+    c = server["client"]
+    floats = c.post("/v1/embeddings", json={"model": "tiny", "input": [ids], "encoding_format": "float"}).json()
+    packed = c.post("/v1/embeddings", json={"model": "tiny", "input": ids, "encoding_format": "base64"}).json()
+    assert floats["data"][0]["embedding"] == np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]),
+                                                           dtype="<f4").tolist()
+    assert floats["usage"]["prompt_tokens"] == len(ids)
+    for body, param in [({"input": "a", "dimensions": 8}, "dimensions"), ({"input": []}, "input"),
+                        ({"input": ["a", ""]}, "input.1"), ({"input": [10**9]}, "input"),
+                        ({"input": "a", "encoding_format": "int8"}, "encoding_format")]:
+        r = c.post("/v1/embeddings", json={"model": "tiny", **body})
+        assert r.status_code == 400 and error_of(r)["param"] == param, body
