@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable, Optional
 
 from llmos_ray.models import context_length, eos_token_ids
-from llmos_ray.serve import logprobs
+from llmos_ray.serve import logprobs, structured
 from llmos_ray.serve.loading import load_model
 from llmos_ray.serve.prompting import prepare
 from llmos_ray.serve.sampling import is_greedy, sample
@@ -61,6 +61,7 @@ class _Row:
         self.max_batch = 0
         self.max_stop = max((len(s) for s in params.stop), default=0)
         self.logprobs, self.prompt_logprobs = [], None  # logprobs.TokenLogprob not yet sent (prompt's: once)
+        self.matcher = None  # structured.matcher of a constrained row
 
 
 class Engine:
@@ -126,6 +127,8 @@ class Engine:
                                  if params.seed is not None else self._rng)
             if params.presence_penalty or params.frequency_penalty:
                 row.counts = torch.zeros(self.vocab_size, device=self.device)
+            if params.grammar is not None:
+                row.matcher = structured.matcher(self, params.grammar)
             rows.append(row)
         with self._cond:
             if self._closed:
@@ -271,6 +274,7 @@ class Engine:
 
     def _join(self, new: list[_Row], cache, mask) -> None:
         """Add freshly prefilled rows (their cache and mask) to the running batch."""
+        import torch
         import torch.nn.functional as F
 
         if not self._rows:
@@ -278,10 +282,10 @@ class Engine:
         else:
             width = max(self._mask.shape[1], mask.shape[1])
             for a, b in zip(self._cache.layers, cache.layers):
-                a.keys = torch_cat0(_left_pad(a.keys, width), _left_pad(b.keys, width))
-                a.values = torch_cat0(_left_pad(a.values, width), _left_pad(b.values, width))
-            self._mask = torch_cat0(F.pad(self._mask, (width - self._mask.shape[1], 0)),
-                                    F.pad(mask, (width - mask.shape[1], 0)))
+                a.keys = torch.cat([_left_pad(a.keys, width), _left_pad(b.keys, width)])
+                a.values = torch.cat([_left_pad(a.values, width), _left_pad(b.values, width)])
+            self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
+                                    F.pad(mask, (width - mask.shape[1], 0))])
             self._rows = self._rows + list(new)
         for r in self._rows:
             r.max_batch = max(r.max_batch, len(self._rows))
@@ -311,6 +315,7 @@ class Engine:
         """Sample and accept the next token of every row; a row that fails ends alone."""
         if not rows:
             return
+        structured.constrain(rows, logits)
         sampled = sample(rows, logits)
         scored = logprobs.of_step(sampled.logits, sampled.tokens, [r.params.logprobs for r in rows])
         for i, (row, token) in enumerate(zip(rows, sampled.tokens)):
@@ -328,6 +333,7 @@ class Engine:
         if token in row.stop_ids and not p.ignore_eos and len(row.generated) >= p.min_tokens:
             return self._emit(row, "stop")
         row.generated.append(token)
+        structured.advance(row, token)
         if scored is not None:
             row.logprobs.append(scored)
         row.last_token = token
@@ -407,12 +413,6 @@ class Engine:
             log.warning("model %s: its KV cache type cannot be merged; requests are batched only when they "
                         "arrive together", self.name)
         return mergeable
-
-
-def torch_cat0(a, b):
-    import torch
-
-    return torch.cat([a, b], dim=0)
 
 
 def _left_pad(x, width: int):

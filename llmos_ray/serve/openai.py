@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi.responses import JSONResponse, Response
 
+from llmos_ray.serve import structured
 from llmos_ray.serve.classify import require_generative
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.logprobs import chat_logprobs, completion_logprobs, text_length
@@ -65,10 +66,12 @@ class Plan:
     """Report logprobs with this many alternatives per token (None = off)."""
     prompt_logprobs: bool = False
     """Report the prompt's logprobs too (completions' echo)."""
+    grammar: Optional[str] = None
+    """Constrain the output to this grammar (`structured`: response_format)."""
 
     def requests(self, params: SamplingParams) -> list[GenerationRequest]:
         """n generation requests per input, input-major; the i-th choice gets seed + i."""
-        params = replace(params, logprobs=self.logprobs,
+        params = replace(params, logprobs=self.logprobs, grammar=self.grammar,
                          prompt_logprobs=self.logprobs if self.prompt_logprobs else None)
         return [GenerationRequest(params=_reseed(params, i), **inp) for inp in self.inputs for i in range(self.n)]
 
@@ -145,16 +148,15 @@ class _Chat(Endpoint):
                               "unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs: requires logprobs: true", "top_logprobs")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request("response_format: only {'type': 'text'} is supported", "response_format",
-                              "unsupported_parameter")
+        schema = structured.schema_of(req.response_format)
         if req.stream and req.n > 1:
             raise bad_request("stream: streaming supports n=1", "n")
         messages = chat_messages(req.messages)
         return Plan(inputs=[{"messages": messages}], n=req.n, max_tokens=req.max_completion_tokens or req.max_tokens,
                     safety_texts=[m["content"] for m in messages], stream=req.stream,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage), echo=[""],
-                    logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                    logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                    grammar=structured.json_grammar(schema) if schema is not None else None)
 
     def choice(self, index: int, text: str, finish: Optional[str], result, plan: Plan) -> dict:
         out = chat_choice(index, text, finish)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from llmos_ray.serve import structured
 from llmos_ray.serve.types import GenerationRequest, SamplingParams, bad_request
 
 
@@ -56,6 +57,7 @@ def prepare(engine, request: GenerationRequest, default_max_tokens: Optional[int
         if bad is not None:
             raise bad_request(f"logit_bias: token id {bad} is outside the vocabulary [0, {engine.vocab_size})",
                               "logit_bias")
+    structured.check(engine, params.grammar)
     params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
     return ids, params, stop_ids
 

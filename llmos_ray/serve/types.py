@@ -33,6 +33,8 @@ class SamplingParams:
     """Report each generated token's log-probability and this many alternatives (None = off)."""
     prompt_logprobs: Optional[int] = None
     """Report each prompt token's log-probability and this many alternatives (None = off; echo)."""
+    grammar: Optional[str] = None
+    """Constrain decoding to this llguidance grammar (`structured`: response_format, forced tool calls)."""
 
 
 @dataclass

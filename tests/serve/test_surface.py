@@ -173,3 +173,25 @@ def test_embeddings_equal_a_forward_pass_through_the_official_client(server):
                         ({"input": "a", "encoding_format": "int8"}, "encoding_format")]:
         r = c.post("/v1/embeddings", json={"model": "tiny", **body})
         assert r.status_code == 400 and error_of(r)["param"] == param, body
+
+
+def test_json_schema_response_format_through_the_official_client(server):
+    import jsonschema
+
+    from tests.serve.test_structured import PERSON
+
+    client = openai_client(server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "A person, please"}],
+                                         response_format=fmt, max_tokens=96, temperature=1.0, seed=1, n=4)
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    c = server["client"]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 4}
+    for fmt, param in [({"type": "xml"}, "response_format.type"),
+                       ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema"),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+                        "response_format")]:
+        r = c.post("/v1/chat/completions", json={**chat, "response_format": fmt})
+        assert r.status_code == 400 and error_of(r)["param"] == param, fmt
