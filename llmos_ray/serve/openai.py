@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi.responses import JSONResponse, Response
 
-from llmos_ray.serve import structured
+from llmos_ray.serve import structured, tools
 from llmos_ray.serve.classify import require_generative
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.logprobs import chat_logprobs, completion_logprobs, text_length
@@ -67,7 +67,9 @@ class Plan:
     prompt_logprobs: bool = False
     """Report the prompt's logprobs too (completions' echo)."""
     grammar: Optional[str] = None
-    """Constrain the output to this grammar (`structured`: response_format)."""
+    """Constrain the output to this grammar (`structured`: response_format, a forced tool call)."""
+    tool_calls: Optional[bool] = None
+    """Parse tool calls from the output (None = no): True = the whole output is one forced call."""
 
     def requests(self, params: SamplingParams) -> list[GenerationRequest]:
         """n generation requests per input, input-major; the i-th choice gets seed + i."""
@@ -143,29 +145,54 @@ class _Completions(Endpoint):
 
 class _Chat(Endpoint):
     def plan(self, req: ChatCompletionRequest) -> Plan:
-        if req.tools or req.functions:
-            raise bad_request("tools: tool and function calling are not supported by this server", "tools",
+        if req.functions:
+            raise bad_request("functions: deprecated by OpenAI and not supported; send tools", "functions",
                               "unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs: requires logprobs: true", "top_logprobs")
         schema = structured.schema_of(req.response_format)
+        tool_specs = tools.parse_tools(req.tools, req.tool_choice)
+        forced = tools.forced_schema(tool_specs, req.tool_choice)
+        if forced is not None and schema is not None:
+            raise bad_request("response_format: cannot be combined with a forced tool_choice", "response_format")
         if req.stream and req.n > 1:
             raise bad_request("stream: streaming supports n=1", "n")
         messages = chat_messages(req.messages)
-        return Plan(inputs=[{"messages": messages}], n=req.n, max_tokens=req.max_completion_tokens or req.max_tokens,
+        schema = forced if forced is not None else schema
+        return Plan(inputs=[{"messages": messages, "tools": tool_specs}], n=req.n,
+                    max_tokens=req.max_completion_tokens or req.max_tokens,
                     safety_texts=[m["content"] for m in messages], stream=req.stream,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage), echo=[""],
                     logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                    grammar=structured.json_grammar(schema) if schema is not None else None)
+                    grammar=structured.json_grammar(schema, "tools" if forced else "response_format")
+                    if schema is not None else None,
+                    tool_calls=None if not tool_specs or req.tool_choice == "none" else forced is not None)
 
     def choice(self, index: int, text: str, finish: Optional[str], result, plan: Plan) -> dict:
         out = chat_choice(index, text, finish)
         if plan.logprobs is not None and finish != "content_filter":
             out["logprobs"] = chat_logprobs(result.logprobs)
+        if plan.tool_calls is not None and finish != "content_filter":
+            content, calls = tools.parse_calls(text, plan.tool_calls)
+            if calls:
+                out["message"].update(content=content, tool_calls=calls)
+                out["finish_reason"] = "tool_calls" if finish == "stop" else finish
         return out
 
     def response(self, rid: str, model: str, choices: list[dict], use: dict) -> dict:
         return chat_response(rid, model, choices, use)
+
+    def call_events(self, rid: str, model: str, created: int, text: str, finish: str, plan: Plan) -> list[dict]:
+        """The end of a stream with tools: the whole text's tool calls as one delta (or its content)."""
+        choice = self.choice(0, text, finish, None, replace(plan, logprobs=None))
+        calls = choice["message"].get("tool_calls")
+        if not calls:
+            return self.piece_events(rid, model, created, text, finish, None, 0)[0]
+        delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+        if choice["message"]["content"]:
+            delta["content"] = choice["message"]["content"]
+        return [chat_chunk(rid, model, created, delta, None),
+                chat_chunk(rid, model, created, {}, choice["finish_reason"])]
 
     def start_events(self, rid: str, model: str, created: int, plan: Plan, first) -> tuple[list[dict], int]:
         return [chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)], 0
@@ -241,8 +268,15 @@ class OpenAIRoutes:
             events, offset = endpoint.start_events(rid, spec.name, created, plan, first)
             for event in events:
                 yield sse(event)
+            held = [] if plan.tool_calls is not None else None  # tool calls are parsed from the whole text
             async for text, finish, chunk in self.models.pieces(spec, first, stream, ctx):
                 last = chunk
+                if held is not None:
+                    held.append(text)
+                    for event in (endpoint.call_events(rid, spec.name, created, "".join(held), finish, plan)
+                                  if finish else []):
+                        yield sse(event)
+                    continue
                 scored = chunk.logprobs if plan.logprobs is not None and finish != "content_filter" else None
                 events, offset = endpoint.piece_events(rid, spec.name, created, text, finish, scored, offset)
                 for event in events:
@@ -295,13 +329,11 @@ def _prompts(prompt) -> list[Union[str, list[int]]]:
     return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Chat messages as the engine takes them ({role, content}), or a 400 naming what we do not support."""
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Chat messages as the engine takes them ({role, content, tool_calls?, tool_call_id?}), or a
+    400 naming what we do not support."""
     out = []
     for i, m in enumerate(messages):
-        if m.role == "tool":
-            raise bad_request(f"messages.{i}.role: tool messages are not supported (no tool calling)",
-                              f"messages.{i}.role")
         if isinstance(m.content, list):
             parts = []
             for j, part in enumerate(m.content):
@@ -312,7 +344,8 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
             content = "".join(parts)
         else:
             content = m.content or ""
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        out.append(tools.message_dict("system" if m.role == "developer" else m.role, content, m.tool_calls,
+                                      m.tool_call_id, m.name))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 from llmos_ray.serve import structured
+from llmos_ray.serve.tools import tools_text
 from llmos_ray.serve.types import GenerationRequest, SamplingParams, bad_request
 
 
@@ -22,7 +23,8 @@ def prepare(engine, request: GenerationRequest, default_max_tokens: Optional[int
     model (its tokenizer, context_length, vocab_size, max_tokens_limit, eos_ids, turn_end_ids)."""
     params = request.params
     if request.messages is not None:
-        ids = _encode(engine, render_chat(engine, request.messages), "messages", add_special_tokens=False)
+        ids = _encode(engine, render_chat(engine, request.messages, tools=request.tools), "messages",
+                      add_special_tokens=False)
         field_name, stop_ids = "messages", engine.turn_end_ids
     elif request.prompt_token_ids is not None:
         ids = list(request.prompt_token_ids)
@@ -71,15 +73,21 @@ def tokenize(engine, prompt: Optional[str], messages: Optional[list[dict[str, st
     return _encode(engine, prompt or "", "prompt", add_special_tokens=add_special_tokens)
 
 
-def render_chat(engine, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """The prompt text of a conversation: the tokenizer's chat template, or a plain fallback."""
+def render_chat(engine, messages: list[dict], add_generation_prompt: bool = True,
+                tools: Optional[list[dict]] = None) -> str:
+    """The prompt text of a conversation: the tokenizer's chat template, or a plain fallback. Tools
+    go to the template; one that does not render them gets them as a first system message."""
+    template = (engine.tokenizer.chat_template or "") if engine.has_chat_template else ""
+    if tools and "tools" not in template:
+        messages, tools = [{"role": "system", "content": tools_text(tools)}] + messages, None
     if engine.has_chat_template:
         try:
             return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                        tokenize=False)
+                                                        tokenize=False, tools=tools)
         except Exception as e:  # jinja raises for roles a template does not accept
             raise bad_request(f"messages: the model's chat template rejected them: {e}", "messages") from None
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
+    turns = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in messages)
+    return turns + ("assistant:" if add_generation_prompt else "")
 
 
 def _encode(engine, text: str, field_name: str, **kwargs) -> list[int]:

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from llmos_ray.serve.logprobs import MAX_TOP_LOGPROBS
+from llmos_ray.serve.tools import MAX_TOOLS, Tool, ToolCall, ToolChoice
 from llmos_ray.serve.validation import LogitBias, Seed, StopSequences, StrictRequest, TokenId
 
 
@@ -66,6 +67,10 @@ class ChatMessage(StrictRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    """An assistant's calls (earlier turns of a conversation with tools)."""
+    tool_call_id: Optional[str] = None
+    """A tool message: the call it answers."""
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -77,8 +82,9 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
     user: Optional[str] = None

@@ -47,6 +47,8 @@ class GenerationRequest:
     prompt_token_ids: Optional[list[int]] = None
     echo: bool = False
     """Return the prompt as text (Result.prompt_text) when it was given as token ids."""
+    tools: Optional[list[dict[str, Any]]] = None
+    """Tools shown to the model through its chat template (with `messages`)."""
 
 
 @dataclass

@@ -195,3 +195,41 @@ def test_json_schema_response_format_through_the_official_client(server):
                         "response_format")]:
         r = c.post("/v1/chat/completions", json={**chat, "response_format": fmt})
         assert r.status_code == 400 and error_of(r)["param"] == param, fmt
+
+
+def test_a_required_tool_call_through_the_official_client(server):
+    import jsonschema
+
+    from tests.serve.test_tools import ASK, TOOLS, WEATHER
+
+    client = openai_client(server)
+    out = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
+                                         max_tokens=64, temperature=0.8, seed=2)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    # a named function, streamed: the call arrives as a tool_calls delta
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice=named,
+                                                 max_tokens=64, temperature=0.8, seed=3, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas] == ["get_weather"] and chunks[-1].choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(deltas[0].function.arguments), WEATHER)
+    # the conversation goes on with the tool's answer
+    follow = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    out = client.chat.completions.create(model="tiny", messages=follow, tools=TOOLS, max_tokens=4, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    c = server["client"]
+    body = {"model": "tiny", "messages": ASK, "max_tokens": 4}
+    for extra, param in [({"tool_choice": "required"}, "tool_choice"),
+                         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                          "tool_choice.function.name"),
+                         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+                          "tools.0.function.name"),
+                         ({"functions": [{"name": "f"}]}, "functions")]:
+        r = c.post("/v1/chat/completions", json={**body, **extra})
+        assert r.status_code == 400 and error_of(r)["param"] == param, extra
