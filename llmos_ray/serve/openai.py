@@ -145,9 +145,13 @@ class _Completions(Endpoint):
 
 class _Chat(Endpoint):
     def plan(self, req: ChatCompletionRequest) -> Plan:
-        if req.functions:
-            raise bad_request("functions: deprecated by OpenAI and not supported; send tools", "functions",
-                              "unsupported_parameter")
+        for name in ("functions", "function_call", "audio", "prediction", "web_search_options"):
+            if getattr(req, name) is not None:
+                raise bad_request(f"{name}: not supported by this server" + (
+                    " (deprecated by OpenAI: send tools)" if name.startswith("function") else ""), name,
+                    "unsupported_parameter")
+        if req.modalities not in (None, ["text"]):
+            raise bad_request("modalities: this server answers text only", "modalities", "unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs: requires logprobs: true", "top_logprobs")
         schema = structured.schema_of(req.response_format)

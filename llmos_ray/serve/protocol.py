@@ -85,6 +85,12 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
     tool_choice: Optional[ToolChoice] = None
     parallel_tool_calls: Optional[bool] = None
+    modalities: Optional[list[str]] = None
+    function_call: Optional[Any] = None
+    audio: Optional[Any] = None
+    prediction: Optional[Any] = None
+    web_search_options: Optional[Any] = None
+    """OpenAI fields this server does not support: a 400 naming them (CHAT_UNSUPPORTED), not ignored."""
     functions: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
     user: Optional[str] = None

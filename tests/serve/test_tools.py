@@ -58,3 +58,23 @@ def test_tool_call_blocks_are_parsed_from_free_text():
     assert parse_calls("no calls <tool_call>{not json}</tool_call>", forced=False) == (
         "no calls <tool_call>{not json}</tool_call>", [])
     assert parse_calls('{"name": "get_time", "argu', forced=True) == ('{"name": "get_time", "argu', [])
+
+
+def test_openai_fields_we_do_not_support_are_400s_naming_them():
+    from llmos_ray.serve.openai import CHAT
+    from llmos_ray.serve.types import APIError
+    from llmos_ray.serve.validation import validate
+
+    base = {"model": "m", "messages": ASK}
+    for field, value in [("functions", [{"name": "f"}]), ("function_call", "auto"), ("audio", {"voice": "x"}),
+                         ("prediction", {"type": "content"}), ("web_search_options", {}),
+                         ("modalities", ["text", "audio"])]:
+        try:
+            CHAT.plan(validate({**base, field: value}, CHAT.request_model))
+        except APIError as e:
+            assert (e.status, e.param, e.code) == (400, field, "unsupported_parameter"), field
+        else:
+            raise AssertionError(f"{field} was accepted")
+    plan = CHAT.plan(validate({**base, "modalities": ["text"], "tools": TOOLS}, CHAT.request_model))
+    assert plan.tool_calls is False and plan.grammar is None and plan.inputs[0]["tools"][0]["function"]["name"] == (
+        "get_weather")
