@@ -9,7 +9,7 @@ near chance; what matters is that the server's equal the in-process model's. Pri
 metrics, the largest difference of a loglikelihood between them, and last `ratio=<our time /
 hf time>` (wall time of the whole evaluation; the server side includes HTTP and batching).
 
-    .venv/bin/python bench/lm_eval_local_completions.py      # needs `pip install lm-eval`
+    .venv/bin/python bench/lm_eval_local_completions.py      # needs `pip install "lm-eval[api]"` (the bench extra)
 """
 
 from __future__ import annotations
