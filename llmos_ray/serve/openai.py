@@ -100,8 +100,6 @@ class _Completions(Endpoint):
         if req.best_of not in (None, req.n):
             raise bad_request("best_of: only best_of == n is supported", "best_of", "unsupported_parameter")
         prompts = _prompts(req.prompt)
-        if req.stream and len(prompts) * req.n > 1:
-            raise bad_request("stream: streaming supports one prompt with n=1", "stream")
         if req.stream and req.echo and not isinstance(prompts[0], str):
             raise bad_request("echo: a streamed echo needs the prompt as text, not token ids", "echo")
         return Plan(inputs=[{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p, "echo": req.echo}
@@ -122,21 +120,22 @@ class _Completions(Endpoint):
     def response(self, rid: str, model: str, choices: list[dict], use: dict) -> dict:
         return completion_response(rid, model, choices, use)
 
-    def start_events(self, rid: str, model: str, created: int, plan: Plan, first) -> tuple[list[dict], int]:
+    def start_events(self, rid: str, model: str, created: int, plan: Plan, first,
+                     index: int = 0) -> tuple[list[dict], int]:
         """The events before the first piece, and the text offset the pieces' logprobs start at."""
-        echo = plan.echo[0]
+        echo = plan.echo[index // plan.n]
         if not echo:
             return [], 0
-        event = completion_chunk(rid, model, created, echo, None)
+        event = completion_chunk(rid, model, created, echo, None, index)
         if plan.prompt_logprobs and first is not None and first.prompt_logprobs is not None:
             event["choices"][0]["logprobs"] = completion_logprobs(first.prompt_logprobs)
         return [event], len(echo)
 
     def piece_events(self, rid: str, model: str, created: int, text: str, finish: Optional[str],
-                     scored: Optional[list], offset: int) -> tuple[list[dict], int]:
+                     scored: Optional[list], offset: int, index: int = 0) -> tuple[list[dict], int]:
         if not (text or finish):
             return [], offset
-        event = completion_chunk(rid, model, created, text, finish)
+        event = completion_chunk(rid, model, created, text, finish, index)
         if scored is not None:
             event["choices"][0]["logprobs"] = completion_logprobs(scored, offset)
             offset += text_length(scored)
@@ -159,8 +158,6 @@ class _Chat(Endpoint):
         forced = tools.forced_schema(tool_specs, req.tool_choice)
         if forced is not None and schema is not None:
             raise bad_request("response_format: cannot be combined with a forced tool_choice", "response_format")
-        if req.stream and req.n > 1:
-            raise bad_request("stream: streaming supports n=1", "n")
         messages = chat_messages(req.messages)
         schema = forced if forced is not None else schema
         return Plan(inputs=[{"messages": messages, "tools": tool_specs}], n=req.n,
@@ -186,30 +183,32 @@ class _Chat(Endpoint):
     def response(self, rid: str, model: str, choices: list[dict], use: dict) -> dict:
         return chat_response(rid, model, choices, use)
 
-    def call_events(self, rid: str, model: str, created: int, text: str, finish: str, plan: Plan) -> list[dict]:
+    def call_events(self, rid: str, model: str, created: int, text: str, finish: str, plan: Plan,
+                    index: int = 0) -> list[dict]:
         """The end of a stream with tools: the whole text's tool calls as one delta (or its content)."""
-        choice = self.choice(0, text, finish, None, replace(plan, logprobs=None))
+        choice = self.choice(index, text, finish, None, replace(plan, logprobs=None))
         calls = choice["message"].get("tool_calls")
         if not calls:
-            return self.piece_events(rid, model, created, text, finish, None, 0)[0]
+            return self.piece_events(rid, model, created, text, finish, None, 0, index)[0]
         delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
         if choice["message"]["content"]:
             delta["content"] = choice["message"]["content"]
-        return [chat_chunk(rid, model, created, delta, None),
-                chat_chunk(rid, model, created, {}, choice["finish_reason"])]
+        return [chat_chunk(rid, model, created, delta, None, index),
+                chat_chunk(rid, model, created, {}, choice["finish_reason"], index)]
 
-    def start_events(self, rid: str, model: str, created: int, plan: Plan, first) -> tuple[list[dict], int]:
-        return [chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)], 0
+    def start_events(self, rid: str, model: str, created: int, plan: Plan, first,
+                     index: int = 0) -> tuple[list[dict], int]:
+        return [chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None, index)], 0
 
     def piece_events(self, rid: str, model: str, created: int, text: str, finish: Optional[str],
-                     scored: Optional[list], offset: int) -> tuple[list[dict], int]:
+                     scored: Optional[list], offset: int, index: int = 0) -> tuple[list[dict], int]:
         events = []
         if text or scored:
-            events.append(chat_chunk(rid, model, created, {"content": text}, None))
+            events.append(chat_chunk(rid, model, created, {"content": text}, None, index))
             if scored is not None:
                 events[-1]["choices"][0]["logprobs"] = chat_logprobs(scored)
         if finish:
-            events.append(chat_chunk(rid, model, created, {}, finish))
+            events.append(chat_chunk(rid, model, created, {}, finish, index))
         return events, offset
 
 
@@ -256,8 +255,8 @@ class OpenAIRoutes:
             return self._blocked(endpoint, rid, spec.name, plan.stream, len(plan.inputs) * plan.n)
         gens = plan.requests(params)
         if plan.stream:
-            first, stream = await self.models.open_stream(spec, gens[0])
-            return event_stream(self._events(endpoint, spec, rid, first, stream, plan, ctx))
+            opened = await _open_all(self.models, spec, gens)
+            return event_stream(self._events(endpoint, spec, rid, opened, plan, ctx))
         results = await asyncio.gather(*(self.models.generate(spec, g) for g in gens))
         choices = [endpoint.choice(i, text, finish, results[i], plan)
                    for i, (text, finish) in enumerate(self.models.finish(spec, results))]
@@ -265,32 +264,46 @@ class OpenAIRoutes:
         return JSONResponse(endpoint.response(rid, spec.name, choices, use),
                             headers={"x-llmos-batch-size": str(max(r.batch_size for r in results))})
 
-    async def _events(self, endpoint, spec: ModelSpec, rid: str, first, stream, plan: Plan,
+    async def _events(self, endpoint, spec: ModelSpec, rid: str, opened: list, plan: Plan,
                       ctx: RequestContext) -> AsyncIterator[str]:
-        created, last = int(time.time()), first
+        """The SSE stream of every choice (interleaved as they decode, each event with its index),
+        then the usage chunk and [DONE]."""
+        created, last = int(time.time()), [first for first, _ in opened]
+        choices = [self._choice_events(endpoint, spec, rid, created, first, stream, plan, ctx, i, last)
+                   for i, (first, stream) in enumerate(opened)]
         try:
-            events, offset = endpoint.start_events(rid, spec.name, created, plan, first)
-            for event in events:
+            async for event in (choices[0] if len(choices) == 1 else _merged(choices)):
                 yield sse(event)
-            held = [] if plan.tool_calls is not None else None  # tool calls are parsed from the whole text
-            async for text, finish, chunk in self.models.pieces(spec, first, stream, ctx):
-                last = chunk
-                if held is not None:
-                    held.append(text)
-                    for event in (endpoint.call_events(rid, spec.name, created, "".join(held), finish, plan)
-                                  if finish else []):
-                        yield sse(event)
-                    continue
-                scored = chunk.logprobs if plan.logprobs is not None and finish != "content_filter" else None
-                events, offset = endpoint.piece_events(rid, spec.name, created, text, finish, scored, offset)
-                for event in events:
-                    yield sse(event)
             if plan.include_usage:
                 yield sse(usage_chunk(rid, spec.name, created, endpoint.chunk_object,
-                                      usage(last.prompt_tokens, last.completion_tokens)))
+                                      usage(sum(c.prompt_tokens for c in last[::plan.n]),
+                                            sum(c.completion_tokens for c in last))))
         except Exception as e:
             yield sse(self.models.stream_error(e, spec).body())
+        finally:
+            for c in choices:
+                await c.aclose()  # each closes its upstream stream (ServedModels.pieces)
         yield "data: [DONE]\n\n"
+
+    async def _choice_events(self, endpoint, spec: ModelSpec, rid: str, created: int, first, stream, plan: Plan,
+                             ctx: RequestContext, index: int, last: list) -> AsyncIterator[dict]:
+        """The events of one choice; its newest chunk goes to last[index] (for usage)."""
+        events, offset = endpoint.start_events(rid, spec.name, created, plan, first, index)
+        for event in events:
+            yield event
+        held = [] if plan.tool_calls is not None else None  # tool calls are parsed from the whole text
+        async for text, finish, chunk in self.models.pieces(spec, first, stream, ctx):
+            last[index] = chunk
+            if held is not None:
+                held.append(text)
+                for event in (endpoint.call_events(rid, spec.name, created, "".join(held), finish, plan, index)
+                              if finish else []):
+                    yield event
+                continue
+            scored = chunk.logprobs if plan.logprobs is not None and finish != "content_filter" else None
+            events, offset = endpoint.piece_events(rid, spec.name, created, text, finish, scored, offset, index)
+            for event in events:
+                yield event
 
     def _blocked(self, endpoint, rid: str, model: str, stream: bool, n: int) -> Response:
         """The answer to a prompt the input safety rules block: empty output, finish_reason content_filter."""
@@ -321,6 +334,49 @@ class OpenAIRoutes:
             async for piece in pieces:
                 yield piece if isinstance(piece, str) else sse(piece)
         return event_stream(events())
+
+
+async def _merged(streams: list) -> AsyncIterator[dict]:
+    """The items of several async iterators as they come; the first error ends it (the rest are closed)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(it) -> None:
+        try:
+            async for item in it:
+                await queue.put(item)
+            await queue.put(done)
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(pump(it)) for it in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _open_all(models: ServedModels, spec: ModelSpec, gens: list[GenerationRequest]) -> list:
+    """Every choice's (first chunk, stream), opened together (rows of one batch); an error before
+    the first token of any is the request's HTTP error, and the others are cancelled."""
+    opened = await asyncio.gather(*(models.open_stream(spec, g) for g in gens), return_exceptions=True)
+    failed = next((o for o in opened if isinstance(o, BaseException)), None)
+    if failed is not None:
+        for o in opened:
+            if not isinstance(o, BaseException):
+                o[1].cancel()
+        raise failed
+    return opened
 
 
 def _prompts(prompt) -> list[Union[str, list[int]]]:

@@ -233,3 +233,26 @@ def test_a_required_tool_call_through_the_official_client(server):
                          ({"functions": [{"name": "f"}]}, "functions")]:
         r = c.post("/v1/chat/completions", json={**body, **extra})
         assert r.status_code == 400 and error_of(r)["param"] == param, extra
+
+
+def test_streams_of_several_choices_equal_the_whole_response(server):
+    client = openai_client(server)
+    body = dict(model="tiny", prompt=["x =", "def f():"], max_tokens=8, temperature=1.0, seed=5, n=2)
+    whole = client.completions.create(**body)
+    chunks = list(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    texts = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {c.index: c.text for c in whole.choices} and len(texts) == 4
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=1.0, seed=9, n=3)
+    whole = client.chat.completions.create(**chat)
+    content, finish = {}, {}
+    for c in client.chat.completions.create(**chat, stream=True):
+        for choice in c.choices:
+            content[choice.index] = content.get(choice.index, "") + (choice.delta.content or "")
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert content == {c.index: c.message.content for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
