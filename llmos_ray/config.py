@@ -418,6 +418,8 @@ class ServedModelOptions:
     """Per model: regular expressions that end a completion with finish_reason 'content_filter'."""
     safety_max_output_chars: Optional[int] = None
     """Per model: completions are cut at this many characters (finish_reason 'length')."""
+    embedding_pooling: Literal["mean", "last"] = "mean"
+    """Per model: /v1/embeddings pools the last hidden states by their mean or takes the last token's."""
 
     def validate(self, where: str = "serve") -> None:
         """Check the per-model keys; `where` names them in errors (e.g. "serve (model 'tiny')")."""

@@ -27,14 +27,23 @@ SPECIAL_TOKENS = [EOS, PAD, *CHAT_TOKENS]
 # Rendered identically by the trainer (finetune) and by serving. `{% generation %}` marks what an
 # assistant writes, so `return_assistant_tokens_mask=True` yields exactly the tokens that carry loss.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>\nYou can call these tools. To call one, reply with <tool_call>{\"name\": NAME, "
+    "\"arguments\": {...}}</tool_call>.\n' }}{{ tools | map(attribute='function') | list | tojson }}"
+    "{{ '<|end|>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}{{ '<tool_call>' }}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '</tool_call>' }}{% endfor %}{{ '<|end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|end|>' }}{% endif %}"
     "{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+"""Our chat template: <|role|> turns ended by <|end|>; tools (OpenAI's function specs) in a first
+system turn, and an assistant's tool calls as <tool_call>{"name", "arguments"}</tool_call>
+(serve.tools parses them back)."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Optional[str] = None):

@@ -144,7 +144,11 @@ class LocalBackend:
     # -- other tasks -----------------------------------------------------------------------------
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        raise unsupported(self, "embed", "an embedding model (serve one and use LLM.connect)")
+        """As /v1/embeddings: the last hidden state pooled (spec.embedding_pooling), unit length."""
+        from llmos_ray.serve.embeddings import embed
+
+        ids = [self.engine.tokenizer.encode(t) for t in texts]
+        return embed(self.engine.model, ids, self.spec.embedding_pooling, self.engine.pad_id).tolist()
 
     def classify(self, texts: list[str]) -> list[dict[str, Any]]:
         raise unsupported(self, "classify", "a classification model (serve one and use LLM.connect)")

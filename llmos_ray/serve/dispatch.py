@@ -181,6 +181,20 @@ class ServedModels:
             return result
         raise self._no_replica(spec)
 
+    async def call(self, spec: ModelSpec, method: str, *args) -> Any:
+        """Another method of a model's replica (tokenize, embed ...), retried like `generate`; an
+        APIError it returns is raised."""
+        for attempt in range(RETRIES):
+            try:
+                result = await getattr(self.handles[spec.name], method).remote(*args)
+            except Exception as e:
+                await self._retry_or_raise(e, spec, attempt)
+                continue
+            if isinstance(result, APIError):
+                raise result
+            return result
+        raise self._no_replica(spec)
+
     async def open_stream(self, spec: ModelSpec, gen: GenerationRequest):
         """(first chunk, the rest): errors before the first token still become HTTP errors."""
         for attempt in range(RETRIES):

@@ -31,11 +31,12 @@ import time
 from typing import Any, Callable, Optional
 
 from llmos_ray.models import context_length, eos_token_ids
+from llmos_ray.serve import logprobs, structured
 from llmos_ray.serve.loading import load_model
 from llmos_ray.serve.prompting import prepare
 from llmos_ray.serve.sampling import is_greedy, sample
 from llmos_ray.serve.spec import ModelSpec
-from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, SamplingParams
+from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, SamplingParams, result_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class _Row:
         self.counts = None
         self.max_batch = 0
         self.max_stop = max((len(s) for s in params.stop), default=0)
+        self.logprobs, self.prompt_logprobs = [], None  # logprobs.TokenLogprob not yet sent (prompt's: once)
+        self.matcher = None  # structured.matcher of a constrained row
 
 
 class Engine:
@@ -124,6 +127,8 @@ class Engine:
                                  if params.seed is not None else self._rng)
             if params.presence_penalty or params.frequency_penalty:
                 row.counts = torch.zeros(self.vocab_size, device=self.device)
+            if params.grammar is not None:
+                row.matcher = structured.matcher(self, params.grammar)
             rows.append(row)
         with self._cond:
             if self._closed:
@@ -203,8 +208,8 @@ class Engine:
             self._decode()
         return True
 
-    def _forward(self, **kwargs):
-        if self._logits_to_keep:
+    def _forward(self, all_logits: bool = False, **kwargs):
+        if self._logits_to_keep and not all_logits:
             kwargs["logits_to_keep"] = 1
         return self.model(use_cache=True, **kwargs)
 
@@ -223,9 +228,15 @@ class Engine:
                 self._fail(new[0], f"prefill failed: {type(e).__name__}: {e}")
             return
         self._join(new, out.past_key_values, mask)
-        self._advance(new, out.logits[:, -1, :])
+        for i, row in enumerate(new):
+            if row.params.prompt_logprobs is not None:
+                row.prompt_logprobs = logprobs.of_prompt(out.logits[i], row.prompt_ids, row.params.prompt_logprobs)
+            if row.params.max_tokens == 0:  # the prompt alone (its logprobs, echo): done at prefill
+                self._emit(row, "length")
+        go = [i for i, row in enumerate(new) if row.params.max_tokens != 0]
+        self._advance([new[i] for i in go], out.logits[go, -1, :])
         self.stats["prefills"] += 1
-        self.stats["generated_tokens"] += len(new)
+        self.stats["generated_tokens"] += len(go)
         self._retire()
 
     def _prefill(self, new: list[_Row]):
@@ -239,7 +250,8 @@ class Engine:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            all_logits=any(r.params.prompt_logprobs is not None for r in new))
         return out, mask
 
     def _decode(self) -> None:
@@ -262,6 +274,7 @@ class Engine:
 
     def _join(self, new: list[_Row], cache, mask) -> None:
         """Add freshly prefilled rows (their cache and mask) to the running batch."""
+        import torch
         import torch.nn.functional as F
 
         if not self._rows:
@@ -269,10 +282,10 @@ class Engine:
         else:
             width = max(self._mask.shape[1], mask.shape[1])
             for a, b in zip(self._cache.layers, cache.layers):
-                a.keys = torch_cat0(_left_pad(a.keys, width), _left_pad(b.keys, width))
-                a.values = torch_cat0(_left_pad(a.values, width), _left_pad(b.values, width))
-            self._mask = torch_cat0(F.pad(self._mask, (width - self._mask.shape[1], 0)),
-                                    F.pad(mask, (width - mask.shape[1], 0)))
+                a.keys = torch.cat([_left_pad(a.keys, width), _left_pad(b.keys, width)])
+                a.values = torch.cat([_left_pad(a.values, width), _left_pad(b.values, width)])
+            self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
+                                    F.pad(mask, (width - mask.shape[1], 0))])
             self._rows = self._rows + list(new)
         for r in self._rows:
             r.max_batch = max(r.max_batch, len(self._rows))
@@ -300,22 +313,29 @@ class Engine:
 
     def _advance(self, rows: list[_Row], logits) -> None:
         """Sample and accept the next token of every row; a row that fails ends alone."""
+        if not rows:
+            return
+        structured.constrain(rows, logits)
         sampled = sample(rows, logits)
+        scored = logprobs.of_step(sampled.logits, sampled.tokens, [r.params.logprobs for r in rows])
         for i, (row, token) in enumerate(zip(rows, sampled.tokens)):
             if i in sampled.failed:
                 self._fail(row, f"sampling failed: {sampled.failed[i]}")
                 continue
             try:
-                self._accept(row, token)
+                self._accept(row, token, scored[i])
             except Exception as e:  # e.g. the tokenizer cannot decode the row's tokens
                 self._fail(row, f"{type(e).__name__}: {e}")
 
-    def _accept(self, row: _Row, token: int) -> None:
+    def _accept(self, row: _Row, token: int, scored: Optional[logprobs.TokenLogprob] = None) -> None:
         """Append a sampled token to `row`, find stops, and emit the text that is safe to show."""
         p = row.params
         if token in row.stop_ids and not p.ignore_eos and len(row.generated) >= p.min_tokens:
             return self._emit(row, "stop")
         row.generated.append(token)
+        structured.advance(row, token)
+        if scored is not None:
+            row.logprobs.append(scored)
         row.last_token = token
         if row.counts is not None:
             row.counts[token] += 1
@@ -341,7 +361,9 @@ class Engine:
         delta = text[row.sent:safe] if safe > row.sent else ""
         row.sent = max(row.sent, safe)
         if delta or finish:
-            self._send(row, Chunk(delta, finish, len(row.prompt_ids), len(row.generated), row.max_batch))
+            self._send(row, Chunk(delta, finish, len(row.prompt_ids), len(row.generated), row.max_batch,
+                                  logprobs=row.logprobs, prompt_logprobs=row.prompt_logprobs))
+            row.logprobs, row.prompt_logprobs = [], None
 
     def _send(self, row: _Row, chunk: Chunk) -> None:
         """Give `chunk` to the row's consumer; a consumer that raises is gone: the row is cancelled."""
@@ -393,12 +415,6 @@ class Engine:
         return mergeable
 
 
-def torch_cat0(a, b):
-    import torch
-
-    return torch.cat([a, b], dim=0)
-
-
 def _left_pad(x, width: int):
     """Left-pad a (batch, heads, time, dim) cache tensor with zeros to `width` time steps."""
     import torch.nn.functional as F
@@ -421,13 +437,14 @@ def _safe_length(text: str, stops: list[str]) -> int:
 
 
 def collect_sync(chunks: "queue.Queue[Chunk]", t0: float) -> Result:
-    parts, first = [], None
+    got, first = [], None
     while True:
         c = chunks.get()
         if first is None:
             first = time.perf_counter() - t0
         if c.error:
             raise APIError(500, f"generation failed: {c.error}", code="generation_error")
-        parts.append(c.text)
+        got.append(c)
         if c.finish_reason:
-            return Result("".join(parts), c.finish_reason, c.prompt_tokens, c.completion_tokens, c.batch_size, first)
+            return result_of(got, first)
+

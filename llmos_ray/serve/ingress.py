@@ -4,6 +4,8 @@
     /v1/models, /v1/models/{name}    openai.OpenAIRoutes
     /v1/completions                  openai.OpenAIRoutes.respond(COMPLETIONS, ...)
     /v1/chat/completions             openai.OpenAIRoutes.respond(CHAT, ...)
+    /v1/embeddings                   embeddings.EmbeddingRoutes
+    /tokenize, /detokenize           tokens.TokenRoutes (vLLM's shapes)
     /v1/stats                        the engines' counters (dispatch.ServedModels.stats)
     /v1/apps, /v1/apps/{app}         prompt_apps (apps from the app store, app_store.AppCatalog)
     /v1/classify                     classify.ClassifyRoutes (classifier models)
@@ -30,9 +32,11 @@ from llmos_ray.serve import prompt_apps
 from llmos_ray.serve.app_store import AppCatalog, builtin_apps
 from llmos_ray.serve.classify import ClassifyRequest, ClassifyRoutes
 from llmos_ray.serve.dispatch import ServedModels
+from llmos_ray.serve.embeddings import EmbeddingRequest, EmbeddingRoutes
 from llmos_ray.serve.kserve import GenerateBody, InferBody, KServeRoutes
 from llmos_ray.serve.middleware import Guard, context, install, metered, request_body, resolve_api_keys
 from llmos_ray.serve.openai import CHAT, COMPLETIONS, OpenAIRoutes
+from llmos_ray.serve.tokens import DetokenizeRequest, TokenizeRequest, TokenRoutes
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ REQUEST_MODELS: dict[str, type] = {
     "/v1/completions": COMPLETIONS.request_model,
     "/v1/chat/completions": CHAT.request_model,
     "/v1/classify": ClassifyRequest,
+    "/v1/embeddings": EmbeddingRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
     **{f"/v1/apps/{name}": prompt_apps.request_model(app) for name, app in builtin_apps().items()},
     "/v2/models/{name}/infer": InferBody,
     "/v2/models/{name}/versions/{version}/infer": InferBody,
@@ -62,6 +69,8 @@ class Ingress:
         self.openai = OpenAIRoutes(self.models)
         self.kserve = KServeRoutes(self.models)
         self.classify = ClassifyRoutes(self.models)
+        self.tokens = TokenRoutes(self.models)
+        self.embeddings = EmbeddingRoutes(self.models)
         self.apps = AppCatalog(settings.get("registry"), settings.get("apps_refresh_s", 2.0))
         log.info("ingress for models %s; API keys %s", list(self.models.specs),
                  "required" if keys else "not required")
@@ -91,6 +100,18 @@ class Ingress:
     @api.post("/v1/classify", dependencies=metered("classify"))
     async def classify_texts(self, request: Request, body: bytes = Depends(request_body)) -> Response:
         return await self.classify.classify(body, context(request))
+
+    @api.post("/v1/embeddings", dependencies=metered("embeddings"))
+    async def embeddings_of(self, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.embeddings.embeddings(body, context(request))
+
+    @api.post("/tokenize", dependencies=metered("tokenize"))
+    async def tokenize(self, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.tokens.tokenize(body, context(request))
+
+    @api.post("/detokenize", dependencies=metered("detokenize"))
+    async def detokenize(self, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.tokens.detokenize(body, context(request))
 
     # -- stats and prompt apps ---------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from llmos_ray.serve import structured
+from llmos_ray.serve.tools import tools_text
 from llmos_ray.serve.types import GenerationRequest, SamplingParams, bad_request
 
 
@@ -21,7 +23,8 @@ def prepare(engine, request: GenerationRequest, default_max_tokens: Optional[int
     model (its tokenizer, context_length, vocab_size, max_tokens_limit, eos_ids, turn_end_ids)."""
     params = request.params
     if request.messages is not None:
-        ids = _encode(engine, render_chat(engine, request.messages), "messages", add_special_tokens=False)
+        ids = _encode(engine, render_chat(engine, request.messages, tools=request.tools), "messages",
+                      add_special_tokens=False)
         field_name, stop_ids = "messages", engine.turn_end_ids
     elif request.prompt_token_ids is not None:
         ids = list(request.prompt_token_ids)
@@ -36,7 +39,7 @@ def prepare(engine, request: GenerationRequest, default_max_tokens: Optional[int
         bos = engine.tokenizer.bos_token_id
         ids = [bos if bos is not None else min(engine.eos_ids, default=0)]
     room = engine.context_length - len(ids)
-    if room < 1:
+    if room < (0 if params.max_tokens == 0 else 1):  # max_tokens 0: the prompt alone is scored (echo)
         raise bad_request(f"{field_name}: the prompt has {len(ids)} tokens; model {engine.name!r} has a context of "
                           f"{engine.context_length} tokens, leaving no room to generate", field_name,
                           "context_length_exceeded")
@@ -56,18 +59,35 @@ def prepare(engine, request: GenerationRequest, default_max_tokens: Optional[int
         if bad is not None:
             raise bad_request(f"logit_bias: token id {bad} is outside the vocabulary [0, {engine.vocab_size})",
                               "logit_bias")
+    structured.check(engine, params.grammar)
     params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
     return ids, params, stop_ids
 
 
-def render_chat(engine, messages: list[dict[str, str]]) -> str:
-    """The prompt text of a conversation: the tokenizer's chat template, or a plain fallback."""
+def tokenize(engine, prompt: Optional[str], messages: Optional[list[dict[str, str]]], add_special_tokens: bool,
+             add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of a prompt or of a conversation (rendered as `prepare` renders it): /tokenize."""
+    if messages is not None:
+        return _encode(engine, render_chat(engine, messages, add_generation_prompt), "messages",
+                       add_special_tokens=add_special_tokens)
+    return _encode(engine, prompt or "", "prompt", add_special_tokens=add_special_tokens)
+
+
+def render_chat(engine, messages: list[dict], add_generation_prompt: bool = True,
+                tools: Optional[list[dict]] = None) -> str:
+    """The prompt text of a conversation: the tokenizer's chat template, or a plain fallback. Tools
+    go to the template; one that does not render them gets them as a first system message."""
+    template = (engine.tokenizer.chat_template or "") if engine.has_chat_template else ""
+    if tools and "tools" not in template:
+        messages, tools = [{"role": "system", "content": tools_text(tools)}] + messages, None
     if engine.has_chat_template:
         try:
-            return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                        tokenize=False, tools=tools)
         except Exception as e:  # jinja raises for roles a template does not accept
             raise bad_request(f"messages: the model's chat template rejected them: {e}", "messages") from None
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    turns = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in messages)
+    return turns + ("assistant:" if add_generation_prompt else "")
 
 
 def _encode(engine, text: str, field_name: str, **kwargs) -> list[int]:

@@ -15,6 +15,8 @@ from typing import Any, AsyncIterator, Literal, Optional, Union
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from llmos_ray.serve.logprobs import MAX_TOP_LOGPROBS
+from llmos_ray.serve.tools import MAX_TOOLS, Tool, ToolCall, ToolChoice
 from llmos_ray.serve.validation import LogitBias, Seed, StopSequences, StrictRequest, TokenId
 
 
@@ -42,12 +44,15 @@ class SamplingFields(StrictRequest):
 
 class CompletionRequest(SamplingFields):
     model: str
+    max_tokens: Optional[int] = Field(None, ge=0)
+    """0 (with echo): score the prompt alone, as lm-evaluation-harness does."""
     prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Each token's log-probability and this many alternatives (`logprobs` says which values)."""
     best_of: Optional[int] = None
     suffix: Optional[str] = None
     user: Optional[str] = None
@@ -62,6 +67,10 @@ class ChatMessage(StrictRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    """An assistant's calls (earlier turns of a conversation with tools)."""
+    tool_call_id: Optional[str] = None
+    """A tool message: the call it answers."""
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -72,9 +81,16 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None
+    modalities: Optional[list[str]] = None
+    function_call: Optional[Any] = None
+    audio: Optional[Any] = None
+    prediction: Optional[Any] = None
+    web_search_options: Optional[Any] = None
+    """OpenAI fields this server does not support: a 400 naming them (CHAT_UNSUPPORTED), not ignored."""
     functions: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
     user: Optional[str] = None

@@ -21,11 +21,12 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from ray import serve
 
+from llmos_ray.serve import embeddings, logprobs, prompting
 from llmos_ray.serve.engine import Engine
 from llmos_ray.serve.loading import cluster_has_gpus
 from llmos_ray.serve.metrics import get_metrics
 from llmos_ray.serve.spec import ModelSpec
-from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result
+from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, result_of
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,45 @@ class ModelServer:
         if not self.engine.alive():
             raise RuntimeError(f"the generation thread of model {self.spec.name!r} died")
 
+    async def tokenize(self, prompt: Optional[str], messages: Optional[list], add_special_tokens: bool,
+                       add_generation_prompt: bool, token_strs: bool) -> Union[dict, APIError]:
+        """/tokenize in vLLM's shape."""
+        try:
+            ids = prompting.tokenize(self.engine, prompt, messages, add_special_tokens, add_generation_prompt)
+        except APIError as e:
+            return e
+        return {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids,
+                "token_strs": logprobs.token_texts(self.engine.tokenizer, ids) if token_strs else None}
+
+    async def detokenize(self, ids: list[int]) -> Union[str, APIError]:
+        bad = next((t for t in ids if not 0 <= t < self.engine.vocab_size), None)
+        if bad is not None:
+            return APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {self.engine.vocab_size})",
+                            param="tokens", code="invalid_value")
+        return self.engine.tokenizer.decode(ids)
+
+    async def embed(self, inputs: list) -> Union[tuple[list[list[float]], int], APIError]:
+        """(unit-length embeddings, tokens read) of texts or token-id lists (`embeddings.embed`)."""
+        e, batches = self.engine, []
+        try:
+            for i, item in enumerate(inputs):
+                where = f"input.{i}" if len(inputs) > 1 else "input"
+                ids = prompting.tokenize(e, item, None, True) if isinstance(item, str) else item
+                bad = next((t for t in ids if not 0 <= t < e.vocab_size), None)
+                if not ids or bad is not None or len(ids) > e.context_length:
+                    why = (f"token id {bad} is outside the vocabulary [0, {e.vocab_size})" if bad is not None else
+                           f"{len(ids)} tokens; model {e.name!r} reads at most {e.context_length}")
+                    return APIError(400, f"{where}: {why}", param=where, code="invalid_value")
+                batches.append(ids)
+        except APIError as err:
+            return err
+        pooling, step = self.spec.embedding_pooling, self.spec.max_batch_size
+        vectors = []
+        for k in range(0, len(batches), step):  # a thread: the event loop and the engine go on
+            part = await asyncio.to_thread(embeddings.embed, e.model, batches[k:k + step], pooling, e.pad_id)
+            vectors += part.tolist()
+        return vectors, sum(len(ids) for ids in batches)
+
     def _prepare(self, request: GenerationRequest):
         default = self.spec.default_max_tokens if request.messages is None else None
         return self.engine.prepare(request, default)
@@ -105,13 +145,13 @@ class ModelServer:
         self._start_metrics()
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        parts: list[str] = []
+        chunks: list[Chunk] = []
         first: list[float] = []
 
         def sink(chunk: Chunk) -> None:  # scheduler thread; wakes the loop only at the end
             if not first:
                 first.append(time.perf_counter() - t0)
-            parts.append(chunk.text)
+            chunks.append(chunk)
             if chunk.finish_reason:
                 loop.call_soon_threadsafe(_resolve, done, chunk)
 
@@ -123,8 +163,15 @@ class ModelServer:
                 self.engine.cancel(row)
         if last.error:
             return APIError(500, f"generation failed: {last.error}", code="generation_error")
-        return Result("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                      last.batch_size, first[0] if first else 0.0)
+        result = result_of(chunks, first[0] if first else 0.0)
+        self._name(result.logprobs + (result.prompt_logprobs or []))
+        if request.echo and request.prompt_token_ids is not None:
+            result.prompt_text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+        return result
+
+    def _name(self, entries: list) -> None:
+        if entries:
+            logprobs.name_tokens(self.engine.tokenizer, entries)
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Union[Chunk, APIError]]:
         """Chunks as they are decoded (coalesced when the reader is slower than the model)."""
@@ -148,10 +195,13 @@ class ModelServer:
                 while coalesce and not chunk.finish_reason and not chunks.empty():
                     nxt = chunks.get_nowait()  # a slow reader gets fewer, larger pieces
                     nxt.text = chunk.text + nxt.text
+                    nxt.logprobs = chunk.logprobs + nxt.logprobs
+                    nxt.prompt_logprobs = chunk.prompt_logprobs if nxt.prompt_logprobs is None else nxt.prompt_logprobs
                     chunk = nxt
                 if chunk.error:
                     yield APIError(500, f"generation failed: {chunk.error}", code="generation_error")
                     return
+                self._name(chunk.logprobs + (chunk.prompt_logprobs or []))
                 yield chunk
                 if chunk.finish_reason:
                     return

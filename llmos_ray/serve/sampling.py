@@ -17,6 +17,7 @@ the other rows get their tokens (a failure of one row never fails the batch).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 GREEDY_BELOW = 1e-5
 """Temperatures below this are greedy (vLLM's _SAMPLING_EPS)."""
@@ -35,6 +36,9 @@ class Sampled:
     """One token id per row (meaningless for a failed row)."""
     failed: dict[int, str] = field(default_factory=dict)
     """Row index -> why that row cannot go on."""
+    logits: Any = None
+    """The logits the tokens were drawn from (rows x vocabulary): after logit_bias, penalties, the
+    end-of-sequence mask and the guard, before temperature and top_p (`logprobs` reads them)."""
 
 
 def sample(rows: list, logits) -> Sampled:
@@ -60,7 +64,7 @@ def sample(rows: list, logits) -> Sampled:
             tokens[i] = _draw(r.params, logits[i], r.generator)
         except Exception as e:
             failed[i] = f"{type(e).__name__}: {e}"
-    return Sampled(tokens, failed)
+    return Sampled(tokens, failed, logits)
 
 
 def _guarded(logits):

@@ -29,6 +29,12 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: Optional[int] = None
+    """Report each generated token's log-probability and this many alternatives (None = off)."""
+    prompt_logprobs: Optional[int] = None
+    """Report each prompt token's log-probability and this many alternatives (None = off; echo)."""
+    grammar: Optional[str] = None
+    """Constrain decoding to this llguidance grammar (`structured`: response_format, forced tool calls)."""
 
 
 @dataclass
@@ -39,6 +45,10 @@ class GenerationRequest:
     prompt: Optional[str] = None
     messages: Optional[list[dict[str, str]]] = None
     prompt_token_ids: Optional[list[int]] = None
+    echo: bool = False
+    """Return the prompt as text (Result.prompt_text) when it was given as token ids."""
+    tools: Optional[list[dict[str, Any]]] = None
+    """Tools shown to the model through its chat template (with `messages`)."""
 
 
 @dataclass
@@ -53,6 +63,10 @@ class Chunk:
     batch_size: int = 0
     """Most rows decoded together while this request ran."""
     error: Optional[str] = None
+    logprobs: list = field(default_factory=list)
+    """logprobs.TokenLogprob of the tokens generated since the previous chunk (when asked)."""
+    prompt_logprobs: Optional[list] = None
+    """logprobs.TokenLogprob of the prompt's tokens (first chunk only, when asked)."""
 
 
 @dataclass
@@ -65,6 +79,21 @@ class Result:
     completion_tokens: int
     batch_size: int
     ttft_s: float
+    logprobs: Optional[list] = None
+    """logprobs.TokenLogprob per generated token (when asked)."""
+    prompt_logprobs: Optional[list] = None
+    """logprobs.TokenLogprob per prompt token (when asked)."""
+    prompt_text: Optional[str] = None
+    """The prompt as text, for echo of a prompt given as token ids."""
+
+
+def result_of(chunks: list[Chunk], ttft_s: float) -> Result:
+    """One whole completion from all its chunks (the last one has finish_reason)."""
+    last = chunks[-1]
+    prompt = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
+    scored = [e for c in chunks for e in c.logprobs]
+    return Result("".join(c.text for c in chunks), last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                  last.batch_size, ttft_s, logprobs=scored, prompt_logprobs=prompt)
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

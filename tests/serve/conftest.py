@@ -5,7 +5,8 @@ behind one ingress:
 
   tiny     the tiny model, served by its registry name; input blocklist ['forbiddenword']
   lora     a LoRA adapter directory over the tiny model; small limits (max_tokens 16, at most 4
-           running + 4 queued), so that fuzzed requests that happen to be valid stay cheap
+           running + 4 queued), so that fuzzed requests that happen to be valid stay cheap;
+           last-token pooling for /v1/embeddings
   guarded  the tiny model by its library alias (tiny:prod -> tiny@1) with room for one running + one
            queued request, and an output rule that matches any text
 """
@@ -72,7 +73,7 @@ def server(ray_session, tiny_model_dir, lora_dir, tmp_path_factory):
         "serve.model_options": {
             "tiny": {"safety_input_blocklist": ["forbiddenword"], "max_batch_size": 8},
             "lora": {"num_cpus": 0.5, "max_tokens_limit": 16, "max_batch_size": 4, "max_ongoing_requests": 4,
-                     "max_queued_requests": 4},
+                     "max_queued_requests": 4, "embedding_pooling": "last"},
             "guarded": {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1, "num_cpus": 0.5,
                         "safety_output_patterns": [r"[\s\S]"]},
         },

@@ -24,7 +24,7 @@ def test_parse_body_names_the_bad_field():
     assert ok.stop == ["x"] and ok.temperature == 1.0
     cases = [(b'{"model": "m"}', CompletionRequest, "prompt"),
              (b'{"model": "m", "prompt": "a", "top_p": 0}', CompletionRequest, "top_p"),
-             (b'{"model": "m", "prompt": "a", "max_tokens": 0}', CompletionRequest, "max_tokens"),
+             (b'{"model": "m", "prompt": "a", "max_tokens": -1}', CompletionRequest, "max_tokens"),  # 0: echo
              (b'{"model": "m", "messages": []}', ChatCompletionRequest, "messages"),
              (b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', ChatCompletionRequest,
               "messages.0.content")]

@@ -119,7 +119,8 @@ def test_bodies_generated_from_the_request_models_never_cost_a_5xx(server):
             @given(case=op.as_strategy(generation_mode=mode))
             def fuzz(case):
                 body = case.body
-                if mode is GenerationMode.POSITIVE and isinstance(body, dict) and op.path.startswith("/v1"):
+                if mode is GenerationMode.POSITIVE and isinstance(body, dict) and op.path.startswith(
+                        ("/v1", "/tokenize", "/detokenize")):
                     body = {**body, "model": MODEL}  # past the 404, into the model's own checks
                 r = post(server, op.path, as_bytes(body))
                 seen[r.status_code] = seen.get(r.status_code, 0) + 1
@@ -147,7 +148,9 @@ def base_bodies() -> dict[str, dict]:
               "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                        "max_tokens": 2},
               "/v2/models/{name}/infer": {"inputs": [text], "parameters": {"max_tokens": 2}},
-              "/v2/models/{name}/generate": {"text_input": "hello", "max_tokens": 2}}
+              "/v2/models/{name}/generate": {"text_input": "hello", "max_tokens": 2},
+              "/v1/embeddings": {"model": MODEL, "input": "hello"},
+              "/tokenize": {"model": MODEL, "prompt": "hello"}, "/detokenize": {"model": MODEL, "tokens": [1, 2]}}
     for path, model in REQUEST_MODELS.items():
         if path.startswith("/v1/apps/"):
             required = {k: "hello" for k, f in model.model_fields.items() if f.is_required()}
