@@ -139,11 +139,12 @@ class OpenAIRoutes:
         self.models = models
         self.created = int(time.time())
 
-    def list_models(self) -> dict:
-        return {"object": "list", "data": [self._card(s) for s in self.models.specs.values()]}
+    def list_models(self, key=None) -> dict:
+        """The models the caller's key may use (all on an open server)."""
+        return {"object": "list", "data": [self._card(self.models.specs[n]) for n in self.models.visible(key)]}
 
-    def get_model(self, name: str) -> dict:
-        return self._card(self.models.get(name))
+    def get_model(self, name: str, key=None) -> dict:
+        return self._card(self.models.get(name, key=key))
 
     def _card(self, spec: ModelSpec) -> dict:
         created = self.created
@@ -177,6 +178,7 @@ class OpenAIRoutes:
         finished = [(plan.echo[i // plan.n] + text, finish)
                     for i, (text, finish) in enumerate(self.models.finish(spec, results))]
         use = usage(sum(r.prompt_tokens for r in results[::plan.n]), sum(r.completion_tokens for r in results))
+        ctx.charge(use["prompt_tokens"], use["completion_tokens"])
         return JSONResponse(endpoint.response(rid, spec.name, finished, use),
                             headers={"x-llmos-batch-size": str(max(r.batch_size for r in results))})
 
