@@ -9,6 +9,7 @@ import sys
 
 from llmos_ray.library_cli import add_library_parsers
 from llmos_ray.runtime import command
+from llmos_ray.usage_cli import add_usage_parsers
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serving_parsers(sub)
     _cluster_parser(sub)
     add_library_parsers(sub)
+    add_usage_parsers(sub)
     return parser
 
 
