@@ -105,7 +105,7 @@ async def find(apps: AppCatalog, ref: str, key: Optional[KeyRecord] = None) -> A
     run is a 404 like one that does not exist, naming none."""
     current = await asyncio.to_thread(apps.refresh)
     if key is not None and key.apps is not None:
-        current = [s for s in current if key.allows_app(s.name)]
+        current = {name: versions for name, versions in current.items() if key.allows_app(name)}
     try:
         spec = pick(current, ref)
     except ConfigError as e:
