@@ -9,7 +9,8 @@ all ingress replicas (not per-process counters that multiply with replicas), and
 the ledger (`ledger.Ledger`): rows are queued and written in batches by a thread, every FLUSH_S
 seconds or BATCH rows, never on a request's path. It is detached and named after the application
 and the database, restarted by Ray if it dies (budgets are re-read from the ledger then); a row
-whose request id it has already taken is ignored, and the ledger ignores it too. Only keys with
+whose request id it has already taken is ignored, and the ledger ignores it too. It ends itself
+once its application is deleted (`stop_meter` ends it at once). Only keys with
 limits make the request wait for the actor (`admit`); `record` never waits.
 """
 
@@ -39,6 +40,8 @@ BATCH = 256
 SEEN = 100_000
 """Request ids remembered to drop a replayed row before it reaches the database."""
 ADMIT_TIMEOUT_S = 5.0
+APP_CHECK_S = 10.0
+"""How often the meter checks that its application still exists (it ends itself two checks after)."""
 
 
 def meter_name(app_name: str, url: str) -> str:
@@ -49,7 +52,8 @@ def meter_name(app_name: str, url: str) -> str:
 class UsageMeter:
     """The actor (threaded: admit, record and reports run concurrently under one lock)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, app_name: Optional[str] = None):
+        self.app_name = app_name
         self.ledger = Ledger(url)
         self.limiter = Limiter(self._used_since)
         self.lock = threading.RLock()
@@ -95,12 +99,21 @@ class UsageMeter:
             return n
 
     def _flush_loop(self) -> None:
+        missing, last_check = 0, time.monotonic()
         while True:
             time.sleep(FLUSH_S)
             try:
                 self.flush()
             except Exception:  # noqa: BLE001 - a database hiccup: the rows stay queued, retried next time
                 log.exception("usage ledger: writing %d rows failed; retrying", len(self.pending))
+            if self.app_name and time.monotonic() - last_check > APP_CHECK_S:
+                last_check = time.monotonic()
+                missing = missing + 1 if _app_gone(self.app_name) else 0
+                if missing >= 2 and not self.pending:  # the application was deleted: so is its meter
+                    import ray
+
+                    log.info("application %s is gone; its usage meter ends", self.app_name)
+                    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def summary(self, **query) -> list[dict[str, Any]]:
         self.flush()
@@ -115,6 +128,22 @@ class UsageMeter:
             return self.limiter.budget_used(name, period)
 
 
+def _app_gone(app_name: str) -> bool:
+    """Whether Serve is running without application `app_name` (False when it cannot tell)."""
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return True  # Serve was shut down
+    try:
+        return app_name not in serve.status().applications
+    except Exception:  # noqa: BLE001 - a controller too busy to answer: ask again next time
+        return False
+
+
 def meter_actor(app_name: str, url: str):
     """The application's meter actor, started if there is none (any replica may be first)."""
     import ray
@@ -124,7 +153,7 @@ def meter_actor(app_name: str, url: str):
                    max_concurrency=16, max_restarts=-1, max_task_retries=3)
     for attempt in range(5):
         try:
-            return ray.remote(UsageMeter).options(**options).remote(url)
+            return ray.remote(UsageMeter).options(**options).remote(url, app_name)
         except ValueError:  # two replicas created it at once: the other one won
             time.sleep(0.2 * (attempt + 1))
             try:
