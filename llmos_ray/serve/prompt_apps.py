@@ -156,7 +156,7 @@ async def check_requirements(spec: AppSpec, model: ModelSpec, models: ServedMode
 async def run(models: ServedModels, apps: AppCatalog, app: str, body: bytes, ctx: RequestContext) -> Response:
     """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
     spec = await find(apps, app, ctx.key)
-    ctx.app = spec.name
+    ctx.app, ctx.route = spec.name, f"apps/{spec.name}"  # whichever ingress replica saw the app first
     req = parse_body(body, request_model(spec))
     messages = spec.render(parameter_values(spec, req))
     model = models.get(choose_model(spec, req.model, models), ctx)
