@@ -219,7 +219,11 @@ class OpenAIRoutes:
             return self._blocked(endpoint, new_id(endpoint.id_prefix), spec.name, plan.stream, 1)
         pieces = vllm.forward(self.models.handles[spec.name], endpoint.route, data)
         if not plan.stream:
-            return JSONResponse(await pieces.__anext__())
+            answer = await pieces.__anext__()
+            use = answer.get("usage") if isinstance(answer, dict) else None
+            if isinstance(use, dict):  # charged as our own engine's answers are (streams from vLLM: not yet)
+                ctx.charge(use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
+            return JSONResponse(answer)
 
         async def events():
             async for piece in pieces:

@@ -265,3 +265,55 @@ def test_no_secret_in_logs_ledger_or_metrics(server):
     for name, secret in [*SECRETS.items(), ("default", KEY)]:
         found = [p for p, t in texts.items() if secret.encode() in t]
         assert not found, (name, found)
+
+
+# -- Last: replicas dying mid-request ------------------------------------------------------------
+
+
+def _first_chunk_then(server, rid: str, action) -> list[str]:
+    """Open a long stream, read its first chunk, run `action` (the request is in flight), then read
+    what is left (the lines after the first), whatever becomes of the connection."""
+    body = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 390, "stream": True, "ignore_eos": True}
+    lines = []
+    try:
+        with httpx.stream("POST", server["url"] + "/v1/completions", json=body, timeout=60,
+                          headers={**auth("counted"), "X-Request-Id": rid}) as r:
+            it = r.iter_lines()
+            assert next(it).startswith("data: {")
+            action()
+            lines = list(it)
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        pass
+    return lines
+
+
+def test_replicas_killed_mid_request_leave_one_row_or_none(server):
+    import signal
+
+    import ray
+
+    batch = f"kill-{uuid.uuid4().hex[:8]}"
+    pid = server["client"].get("/v1/stats").json()["models"]["tiny"]["pid"]
+    rest = _first_chunk_then(server, f"{batch}-model", lambda: os.kill(pid, signal.SIGKILL))
+    assert any('"error"' in line for line in rest), rest[-3:]  # the stream ends with an error event
+    # both ingress replicas die while a stream is in flight through one of them
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{server['app_name']}#ingress#")]
+    assert len(names) == 2, names
+    handles = [ray.get_actor(n, namespace="serve") for n in names]
+    _first_chunk_then(server, f"{batch}-ingress", lambda: [ray.kill(h, no_restart=True) for h in handles])
+    seen, deadline = {}, time.time() + 90
+    while time.time() < deadline and 200 not in seen.values():  # Serve replaces them (and the model replica)
+        rid = f"{batch}-after-{len(seen)}"
+        try:
+            seen[rid] = completion(server, "counted", rid).status_code
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    assert 200 in seen.values()
+    rows = {rid: r for rid, r in ledger_rows(server, "counted").items() if rid.startswith(batch)}
+    model_row = rows.pop(f"{batch}-model")  # exactly one row: the tokens it was sent before the replica died
+    assert model_row["status"] == 200 and 1 <= model_row["completion_tokens"] < 390
+    assert f"{batch}-ingress" not in rows  # its ingress died with it: no phantom row
+    # the requests while Serve recovered: a row for each one an ingress answered, with the status it sent
+    assert {rid: r["status"] for rid, r in rows.items()} == {rid: s for rid, s in seen.items() if rid in rows}
+    assert all(rid in rows for rid, s in seen.items() if s == 200)
