@@ -11,7 +11,8 @@ seconds or BATCH rows, never on a request's path. It is detached and named after
 and the database, restarted by Ray if it dies (budgets are re-read from the ledger then); a row
 whose request id it has already taken is ignored, and the ledger ignores it too. It ends itself
 once its application is deleted (`stop_meter` ends it at once). Only keys with
-limits make the request wait for the actor (`admit`); `record` never waits.
+limits make the request wait for the actor (`admit`); `record` never waits (the rows of requests
+that end within SEND_S go to the actor in one call).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ SEEN = 100_000
 """Request ids remembered to drop a replayed row before it reaches the database."""
 ADMIT_TIMEOUT_S = 5.0
 APP_CHECK_S = 10.0
+SEND_S = 0.01
+"""An ingress replica sends the rows of the requests that ended within this many seconds in one call."""
 """How often the meter checks that its application still exists (it ends itself two checks after)."""
 
 
@@ -72,16 +75,18 @@ class UsageMeter:
             refusal = self.limiter.admit(name, limits)
         return None if refusal is None else (refusal.code, refusal.message, refusal.retry_after_s)
 
-    def record(self, row: dict[str, Any], charge: bool) -> None:
+    def record(self, rows: list[tuple[dict[str, Any], bool]]) -> None:
+        """Queue ledger rows (row, whether to charge its tokens to the key's windows and budget)."""
         with self.lock:
-            if row["request_id"] in self.seen:
-                return
-            self.seen[row["request_id"]] = None
-            if len(self.seen) > SEEN:
-                self.seen.popitem(last=False)
-            self.pending.append(row)
-            if charge:
-                self.limiter.charge(row["key"], row["prompt_tokens"] + row["completion_tokens"])
+            for row, charge in rows:
+                if row["request_id"] in self.seen:
+                    continue
+                self.seen[row["request_id"]] = None
+                if len(self.seen) > SEEN:
+                    self.seen.popitem(last=False)
+                self.pending.append(row)
+                if charge:
+                    self.limiter.charge(row["key"], row["prompt_tokens"] + row["completion_tokens"])
             full = len(self.pending) >= BATCH
         if full:
             self.flush()
@@ -185,6 +190,12 @@ class Meter:
         self.url = url
         self.actor = meter_actor(app_name, url)
         self.metrics = get_metrics()
+        self._outbox: list[tuple[dict[str, Any], bool]] = []
+
+    def _send(self) -> None:
+        rows, self._outbox = self._outbox, []
+        if rows:
+            self.actor.record.remote(rows)
 
     async def admit(self, key: Optional[KeyRecord]) -> None:
         """Raise the 429 a key over its limits gets; keys without limits pass without asking."""
@@ -208,7 +219,9 @@ class Meter:
                "model": ctx.model, "app": ctx.app, "route": ctx.route or "-", "status": status,
                "prompt_tokens": ctx.prompt_tokens, "completion_tokens": ctx.completion_tokens,
                "latency_s": time.perf_counter() - ctx.t0}
-        self.actor.record.remote(row, key is not None and key.limited)
+        if not self._outbox:  # rows of requests that end together go in one call, SEND_S later
+            asyncio.get_running_loop().call_later(SEND_S, self._send)
+        self._outbox.append((row, key is not None and key.limited))
         for kind, n in (("prompt", ctx.prompt_tokens), ("completion", ctx.completion_tokens)):
             if n:
                 self.metrics.tokens.inc(n, tags={"key": name, "tenant": tenant, "model": ctx.model, "kind": kind})

@@ -105,6 +105,10 @@ def _stream(server, key: str, rid: str, max_tokens: int, stop_after: int = 0) ->
     return events, {"status": status}
 
 
+def budget_used(server) -> int:
+    return httpx.get(server["url"] + "/v1/usage", headers=auth("budget"), timeout=30).json()["budget_used"]
+
+
 def test_token_budget_charges_streams_and_disconnected_streams_their_real_tokens(server):
     budget = 40
     events, _ = _stream(server, "budget", "budget-whole", max_tokens=12)
@@ -128,13 +132,16 @@ def test_token_budget_charges_streams_and_disconnected_streams_their_real_tokens
         assert r.status_code == 200, r.text
         used += r.json()["usage"]["total_tokens"]
         n += 1
+        deadline = time.time() + 5  # the charge reaches the meter a moment after the response
+        while budget_used(server) != used and time.time() < deadline:
+            time.sleep(0.05)
     refused = completion(server, "budget", "budget-over")
     assert refused.status_code == 429 and error_of(refused)["code"] == "insufficient_quota"
     midnight = (int(time.time()) // 86400 + 1) * 86400
     assert abs(int(refused.headers["retry-after"]) - (midnight - time.time())) <= 2
     events, info = _stream(server, "budget", "budget-over-stream", max_tokens=4)
     assert info["status"] == 429 and info["error"]["code"] == "insufficient_quota"
-    assert httpx.get(server["url"] + "/v1/usage", headers=auth("budget"), timeout=30).json()["budget_used"] == used
+    assert budget_used(server) == used
 
     # the meter dies and Ray restarts it: rows stay, the budget is read back from the ledger
     import ray
