@@ -2,13 +2,14 @@
 budget: every request asks the usage meter before it runs and leaves a ledger row after) vs
 metering off with a plain key, in one run.
 
-Two Serve applications side by side on one Ray (same model, built as in serve_throughput.py, same
-settings, each with its own model replica): /off (serve.metering=false) and /on (metering on, the
-ledger in SQLite). Rounds alternate between them (the other one idle), best of ROUNDS each;
-REQUESTS short completions (NEW_TOKENS tokens, greedy, ignore_eos) from CLIENTS concurrent HTTP
-clients per round: short requests are where a per-request cost shows most. Afterwards the /on
-ledger is checked to hold one row per request. The last line is `ratio=<on/off>` (requests per
-second); goal >= 0.97.
+Three Serve applications side by side on one Ray (same model, built as in serve_throughput.py,
+same settings, each with its own model replica): /off (serve.metering=false), /ledger (metering
+on, a key without limits: ledger rows only) and /on (metering on, a key with limits: every request
+also waits for the meter's admission), ledgers in SQLite. Rounds alternate between them (the
+others idle), best of ROUNDS each; REQUESTS short completions (NEW_TOKENS tokens, greedy,
+ignore_eos) from CLIENTS concurrent HTTP clients per round: short requests are where a
+per-request cost shows most. Afterwards the /on ledger is checked to hold one row per request.
+The last line is `ratio=<on/off>` (requests per second); goal >= 0.97.
 
     .venv/bin/python bench/serve_metering.py
 """
@@ -30,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CLIENTS = 16
 REQUESTS = 96
 NEW_TOKENS = 8
-ROUNDS = 3
+ROUNDS = 4
 PORT = 8766
 KEY = "sk-bench-metering"
 
@@ -43,6 +44,9 @@ def start(model_dir: str, tmp: str) -> None:
               "serve.num_cpus": 1, "registry.uri": os.path.join(tmp, "models.json")}
     llmos_ray.serve.serve(load_config(None, {**common, "serve.app_name": "off", "serve.route_prefix": "/off",
                                              "serve.metering": False, "serve.api_keys": [KEY]}))
+    llmos_ray.serve.serve(load_config(None, {**common, "serve.app_name": "ledger", "serve.route_prefix": "/ledger",
+                                             "serve.usage_db": f"sqlite:///{tmp}/ledger.db",
+                                             "serve.api_keys": [{"name": "bench", "key": KEY}]}))
     limited = {"name": "bench", "key": KEY, "tenant": "bench", "rpm": 10**6, "tpm": 10**9, "budget_tokens": 10**12}
     llmos_ray.serve.serve(load_config(None, {**common, "serve.app_name": "on", "serve.route_prefix": "/on",
                                              "serve.usage_db": f"sqlite:///{tmp}/usage.db",
@@ -74,7 +78,7 @@ def main() -> int:
         assert tokens == REQUESTS * NEW_TOKENS, tokens
         return time.perf_counter() - t0
 
-    best = {"off": float("inf"), "on": float("inf")}
+    best = {"off": float("inf"), "ledger": float("inf"), "on": float("inf")}
     try:
         with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
             for prefix in best:  # warm up both: connections, a full batch, the meter actor
@@ -90,15 +94,18 @@ def main() -> int:
         from llmos_ray.serve.meter import stop_meter
 
         stop_meter("on", f"sqlite:///{tmp.name}/usage.db")
+        stop_meter("ledger", f"sqlite:///{tmp.name}/ledger.db")
         ray.shutdown()
         tmp.cleanup()
     sent = REQUESTS * (ROUNDS + 1)
     assert usage["requests"] == sent and usage["completion_tokens"] == sent * NEW_TOKENS, usage
-    off, on = REQUESTS / best["off"], REQUESTS / best["on"]
+    off, ledger, on = (REQUESTS / best[k] for k in ("off", "ledger", "on"))
     print(machine())
     print(f"{REQUESTS} completions x {NEW_TOKENS} tokens from {CLIENTS} concurrent clients, best of {ROUNDS} "
           f"alternating rounds; ledger rows of /on: {usage['requests']} (= requests sent)")
     print(f"metering off, plain key:                 {off:7.1f} requests/s ({best['off']:.2f} s)")
+    print(f"metering on, key without limits:         {ledger:7.1f} requests/s ({best['ledger']:.2f} s; ledger rows "
+          f"only, ratio_ledger={ledger / off:.3f})")
     print(f"metering on, key with rpm/tpm/budget:    {on:7.1f} requests/s ({best['on']:.2f} s)")
     print(f"ratio={on / off:.3f}")
     return 0
