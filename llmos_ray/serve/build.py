@@ -91,7 +91,7 @@ def build_app(config: Union[Config, ServeConfig, dict, str, None] = None):
     settings = {"keys": [k.to_dict() for k in keys], "max_request_bytes": s.max_request_bytes,
                 "retry_after_s": s.retry_after_s, "registry": registry_uri(cfg.registry.uri),
                 "apps_refresh_s": s.apps_refresh_s, "metering": s.metering, "app_name": s.app_name,
-                "usage_db": usage_url(cfg)}
+                "ingress_replicas": s.ingress_replicas, "usage_db": usage_url(cfg)}
     ingress = serve.deployment(IngressDeployment).options(
         name="ingress", num_replicas=s.ingress_replicas, max_ongoing_requests=s.ingress_max_ongoing_requests,
         max_queued_requests=s.ingress_max_ongoing_requests,

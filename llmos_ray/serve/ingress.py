@@ -61,7 +61,8 @@ class Ingress:
 
     def __init__(self, settings: dict[str, Any], specs: list[dict[str, Any]], handles: dict[str, Any]):
         keys = [KeyRecord.from_dict(k) for k in settings["keys"]]
-        meter = Meter(settings["app_name"], settings["usage_db"]) if settings.get("metering") else None
+        meter = (Meter(settings["app_name"], settings["usage_db"], settings.get("ingress_replicas", 1))
+                 if settings.get("metering") else None)
         self.guard = Guard(keys, settings["max_request_bytes"], meter)
         self.models = ServedModels(specs, handles, settings["retry_after_s"])
         self.openai = OpenAIRoutes(self.models)

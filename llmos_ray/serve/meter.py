@@ -11,8 +11,10 @@ seconds or BATCH rows, never on a request's path. It is detached and named after
 and the database, restarted by Ray if it dies (budgets are re-read from the ledger then); a row
 whose request id it has already taken is ignored, and the ledger ignores it too. It ends itself
 once its application is deleted (`stop_meter` ends it at once). Only keys with
-limits make the request wait for the actor (`admit`); `record` never waits (the rows of requests
-that end within SEND_S go to the actor in one call).
+limits make the request wait for the actor (`admit`), and only near a limit: far from all of
+them the meter gives a replica some headroom (`quota.Limiter.headroom`) to admit a few requests on
+its own for LEASE_S, counted by the meter moments later. `record` never waits (the rows of
+requests that end within SEND_S go to the actor in one call).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ SEEN = 100_000
 ADMIT_TIMEOUT_S = 5.0
 APP_CHECK_S = 10.0
 SEND_S = 0.01
+LEASE_S = 1.0
+"""How long an ingress replica may use the headroom the meter gave it."""
 """An ingress replica sends the rows of the requests that ended within this many seconds in one call."""
 """How often the meter checks that its application still exists (it ends itself two checks after)."""
 
@@ -69,15 +73,24 @@ class UsageMeter:
         self.flush()
         return self.ledger.used_since(name, since)
 
-    def admit(self, name: str, limits: dict) -> Optional[tuple[str, str, Optional[int]]]:
-        """None = go; else (code, message, retry_after_s)."""
+    def admit(self, name: str, limits: dict, replicas: int = 1,
+              release: Optional[tuple[int, float]] = None) -> tuple[Optional[tuple], int, float]:
+        """(None = go, else (code, message, retry_after_s); the caller's headroom and when it was
+        given), after taking back what the caller did not use of its last headroom (`release`)."""
         with self.lock:
+            if release:
+                self.limiter.release(name, *release)
             refusal = self.limiter.admit(name, limits)
-        return None if refusal is None else (refusal.code, refusal.message, refusal.retry_after_s)
+            if refusal is not None:
+                return (refusal.code, refusal.message, refusal.retry_after_s), 0, 0.0
+            return (None, *self.limiter.headroom(name, limits, replicas))
 
-    def record(self, rows: list[tuple[dict[str, Any], bool]]) -> None:
-        """Queue ledger rows (row, whether to charge its tokens to the key's windows and budget)."""
+    def record(self, rows: list[tuple[dict[str, Any], bool]], releases: Optional[list] = None) -> None:
+        """Queue ledger rows (row, whether to charge its tokens to the key's windows and budget);
+        take back unused headroom ([(name, n, when)])."""
         with self.lock:
+            for name, n, when in releases or ():
+                self.limiter.release(name, n, when)
             for row, charge in rows:
                 if row["request_id"] in self.seen:
                     continue
@@ -186,26 +199,54 @@ def stop_meter(app_name: str, url: str) -> bool:
 class Meter:
     """An ingress replica's side of the meter."""
 
-    def __init__(self, app_name: str, url: str):
-        self.url = url
+    def __init__(self, app_name: str, url: str, replicas: int = 1):
+        self.url, self.replicas = url, replicas
         self.actor = meter_actor(app_name, url)
         self.metrics = get_metrics()
         self._outbox: list[tuple[dict[str, Any], bool]] = []
+        self._room: dict[str, list] = {}
+        """key name -> [requests it may still admit without asking, until when (monotonic), the
+        meter's time of the grant]."""
+        self._releases: list[tuple[str, int, float]] = []
+
+    def _schedule(self) -> None:
+        if not self._outbox and not self._releases:  # what ends together goes in one call, SEND_S later
+            asyncio.get_running_loop().call_later(SEND_S, self._send)
 
     def _send(self) -> None:
         rows, self._outbox = self._outbox, []
-        if rows:
-            self.actor.record.remote(rows)
+        releases, self._releases = self._releases, []
+        if rows or releases:
+            self.actor.record.remote(rows, releases)
+
+    def _expire(self, name: str, when: float) -> None:
+        """A headroom's time is up: give back what is left of it."""
+        entry = self._room.get(name)
+        if entry is not None and entry[2] == when and entry[0] > 0:
+            self._schedule()
+            self._releases.append((name, entry[0], when))
+            entry[0] = 0
 
     async def admit(self, key: Optional[KeyRecord]) -> None:
-        """Raise the 429 a key over its limits gets; keys without limits pass without asking."""
+        """Raise the 429 a key over its limits gets; keys without limits pass without asking, and
+        so do a few requests of a key far from its limits (the headroom the meter last gave)."""
         if key is None or not key.limited:
             return
+        entry = self._room.get(key.name)
+        if entry is not None and entry[0] > 0 and time.monotonic() < entry[1]:
+            entry[0] -= 1
+            return
+        release = (entry[0], entry[2]) if entry is not None and entry[0] > 0 else None
+        self._room.pop(key.name, None)
         try:
-            refusal = await asyncio.wait_for(self.actor.admit.remote(key.name, key.limits()), ADMIT_TIMEOUT_S)
+            refusal, room, when = await asyncio.wait_for(
+                self.actor.admit.remote(key.name, key.limits(), self.replicas, release), ADMIT_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - the meter restarting must not take the API down with it
             log.warning("usage meter unavailable (%s); a request of key %s went unchecked", type(e).__name__, key.name)
             return
+        if room > 0:
+            self._room[key.name] = [room, time.monotonic() + LEASE_S, when]
+            asyncio.get_running_loop().call_later(LEASE_S, self._expire, key.name, when)
         if refusal is not None:
             code, message, retry = refusal
             raise APIError(429, message, code=code, headers={"Retry-After": str(retry)} if retry else None)
@@ -219,8 +260,7 @@ class Meter:
                "model": ctx.model, "app": ctx.app, "route": ctx.route or "-", "status": status,
                "prompt_tokens": ctx.prompt_tokens, "completion_tokens": ctx.completion_tokens,
                "latency_s": time.perf_counter() - ctx.t0}
-        if not self._outbox:  # rows of requests that end together go in one call, SEND_S later
-            asyncio.get_running_loop().call_later(SEND_S, self._send)
+        self._schedule()
         self._outbox.append((row, key is not None and key.limited))
         for kind, n in (("prompt", ctx.prompt_tokens), ("completion", ctx.completion_tokens)):
             if n:

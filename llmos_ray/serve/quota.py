@@ -10,7 +10,9 @@ passed for the same request to be admitted. A budget counts the tokens of the cu
 calendar period (day, ISO week, month) or ever ('total'): read from the ledger when a period
 starts (so it holds across restarts), then kept up to date by `charge`. Requests are admitted
 before they run and charged when they end, so the last admitted request may go over a budget
-by its own tokens (OpenAI's usage tiers behave the same).
+by its own tokens (OpenAI's usage tiers behave the same). Far from every limit, an ingress
+replica may admit a few requests on its own (`headroom`, reserved here; `release` gives back what
+it did not use).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 WINDOW_S = 60.0
+MAX_HEADROOM = 64
+UNKNOWN_REQUEST_TOKENS = 4096
+"""Tokens a request of a key is assumed to take before one of its requests has been charged."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class Limiter:
         self.tokens: dict[str, deque] = {}
         self.budgets: dict[str, list] = {}
         """name -> [period start, tokens used in it]."""
+        self.largest: dict[str, int] = {}
+        """name -> the most tokens one of its requests took."""
 
     def admit(self, name: str, limits: dict) -> Optional[Refusal]:
         """Count a request of key `name` if its limits allow it now; the reason why not otherwise."""
@@ -78,8 +85,45 @@ class Limiter:
         if tokens <= 0:
             return
         self.tokens.setdefault(name, deque()).append((self.clock(), tokens))
+        self.largest[name] = max(self.largest.get(name, 0), tokens)
         if name in self.budgets:
             self.budgets[name][1] += tokens
+
+    def headroom(self, name: str, limits: dict, replicas: int) -> tuple[int, float]:
+        """(n, when): `n` more requests of `name` that one of `replicas` ingress replicas may admit
+        without asking, reserved in the rpm window now (`when`) — `release` what it did not use.
+        Each replica gets at most 1/(2 x replicas) of what is left under every limit (tokens
+        counted at the key's largest request so far, not reserved: charged when they end); 0 near
+        a limit, where every request is asked about."""
+        now, share = self.clock(), 2 * max(1, replicas)
+        per = self.largest.get(name, UNKNOWN_REQUEST_TOKENS)
+        room = [MAX_HEADROOM]
+        if limits.get("rpm"):
+            window = self.requests.setdefault(name, deque())
+            room.append((limits["rpm"] - sum(1 for t in window if t > now - WINDOW_S)) // share)
+        if limits.get("tpm"):
+            used = sum(n for t, n in self.tokens.get(name, ()) if t > now - WINDOW_S)
+            room.append((limits["tpm"] - used) // (share * per))
+        if limits.get("budget_tokens"):
+            used = self.budget_used(name, limits.get("budget_period") or "month")
+            room.append((limits["budget_tokens"] - used) // (share * per))
+        n = max(0, min(room))
+        if n and limits.get("rpm"):
+            self.requests[name].extend([now] * n)
+        return n, now
+
+    def release(self, name: str, n: int, when: float) -> None:
+        """Give back `n` requests of a headroom reserved at `when` that were not used."""
+        window = self.requests.get(name)
+        if not window or n <= 0:
+            return
+        kept = deque()
+        for t in window:
+            if t == when and n > 0:
+                n -= 1
+            else:
+                kept.append(t)
+        self.requests[name] = kept
 
     def budget_used(self, name: str, period: str) -> int:
         start, _ = period_bounds(period, self.clock())

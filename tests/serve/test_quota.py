@@ -222,3 +222,38 @@ def test_llmos_keys_new_prints_a_record_the_server_accepts(tmp_path, capsys):
     assert Keyring([record]).find(secret) == record and record.models == ("tiny", "lora") and record.rpm == 5
     assert main(["keys", "hash", secret]) == 0 and capsys.readouterr().out.strip() == record.sha256
     assert yaml.safe_load(out.out)[0]["sha256"] == record.sha256
+
+
+def test_headroom_of_several_replicas_never_lets_a_key_past_its_rpm():
+    """Ingress replicas admitting in the headroom the limiter reserved for them, giving back what
+    they did not use when their headroom expires or when they ask again: together never more than
+    rpm in a window, and once all is given back the limit is reached exactly."""
+    import random
+
+    clock = Clock()
+    limiter = Limiter(lambda name, since: 0, clock)
+    limits, replicas, rng = {"rpm": 200}, 3, random.Random(0)
+    room, when, admitted, granted = [0] * replicas, [0.0] * replicas, 0, 0
+    for step in range(3000):
+        clock.t += 0.001  # all within one window
+        i = rng.randrange(replicas)
+        if room[i] > 0 and rng.random() < 0.9:
+            room[i] -= 1
+            admitted += 1
+        else:  # asks: gives back its unused headroom (or it expired)
+            limiter.release("k", room[i], when[i])
+            room[i] = 0
+            if limiter.admit("k", limits) is None:
+                admitted += 1
+                room[i], when[i] = limiter.headroom("k", limits, replicas)
+                granted += room[i] > 0
+        assert admitted <= limits["rpm"], step
+    for i in range(replicas):
+        limiter.release("k", room[i], when[i])
+    while limiter.admit("k", limits) is None:
+        admitted += 1
+    assert admitted == limits["rpm"] and granted > 10  # headroom was used
+    assert limiter.headroom("far", {"rpm": 1000}, 2) == (64, clock.t)  # at most MAX_HEADROOM
+    assert limiter.headroom("fresh", {"budget_tokens": 10_000}, 1)[0] == 1  # 10000 // (2 x 4096 unknown)
+    limiter.charge("fresh", 100)
+    assert limiter.headroom("fresh", {"budget_tokens": 10_000}, 1)[0] == (10_000 - 100) // 200  # its largest: 100
