@@ -245,6 +245,10 @@ class Meter:
             log.warning("usage meter unavailable (%s); a request of key %s went unchecked", type(e).__name__, key.name)
             return
         if room > 0:
+            old = self._room.get(key.name)  # a request beside this one asked too: its grant goes back
+            if old is not None and old[0] > 0:
+                self._schedule()
+                self._releases.append((key.name, old[0], old[2]))
             self._room[key.name] = [room, time.monotonic() + LEASE_S, when]
             asyncio.get_running_loop().call_later(LEASE_S, self._expire, key.name, when)
         if refusal is not None:
