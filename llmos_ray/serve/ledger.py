@@ -5,7 +5,7 @@
     ledger.summary(by="model", key="alice", since=time.time() - 7 * 86400)
 
 A row: request_id (the primary key: a retried or replayed write never counts twice), time (unix
-seconds), day (UTC 'YYYY-MM-DD', so grouping by day is the same SQL on every database), key (the
+seconds, when the request ended), day (UTC 'YYYY-MM-DD', so grouping by day is the same SQL on every database), key (the
 key's NAME, never the secret), tenant, model, app, route, status, prompt_tokens,
 completion_tokens, latency_s. Only `meter.UsageMeter` writes (batched, off the request path);
 `llmos usage` and the usage routes read.
