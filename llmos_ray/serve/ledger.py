@@ -87,7 +87,7 @@ class Ledger:
             self.engine = sa.create_engine(url, pool_pre_ping=True)
             _meta.create_all(self.engine)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.OperationalError) as e:
-            raise ConfigError(f"serve.usage_db {_redacted(url)!r} cannot be opened: {e}") from None
+            raise ConfigError(f"serve.usage_db {redacted(url)!r} cannot be opened: {e}") from None
         self.url = url
 
     def write(self, rows: list[dict[str, Any]]) -> int:
@@ -150,7 +150,7 @@ class Ledger:
             return int(conn.execute(query).scalar() or 0)
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """A database URL without its password."""
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
