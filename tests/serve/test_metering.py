@@ -46,6 +46,14 @@ def serve_log_dir() -> str:
     return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
 
 
+def ingress_replicas(server) -> list[str]:
+    """The Ray actor names of the app's ingress replicas (SERVE_REPLICA::APP#ingress#ID)."""
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{server['app_name']}#ingress#")]
+
+
 def completion(server, key: str, rid: str, **body) -> httpx.Response:
     return httpx.post(server["url"] + "/v1/completions", headers={**auth(key), "X-Request-Id": rid}, timeout=60,
                       json={"model": "tiny", "prompt": "hello there", "max_tokens": 2, **body})
@@ -71,10 +79,13 @@ def test_the_sixth_request_of_a_5_rpm_key_is_429_across_two_ingress_replicas(ser
     # both replicas answered some of them (each writes the request ids it served to its own log):
     # per-replica counters would have let through up to 10
     deadline = time.time() + 10
+    replicas = ingress_replicas(server)
     while time.time() < deadline:  # a replica's log is written a moment after its response
         served = {}
-        for path in glob.glob(os.path.join(serve_log_dir(), "serve", "replica_llmos_ingress_*.log")):
-            text = open(path, errors="replace").read()
+        for name in replicas:
+            replica_id = name.rsplit("#", 1)[1]
+            path = os.path.join(serve_log_dir(), "serve", f"replica_{server['app_name']}_ingress_{replica_id}.log")
+            text = open(path, errors="replace").read() if os.path.exists(path) else ""
             served[path] = {rid for rid in ids if rid in text}
         if set().union(*served.values()) == set(ids):
             break
@@ -304,8 +315,7 @@ def test_replicas_killed_mid_request_leave_one_row_or_none(server):
     rest = _first_chunk_then(server, f"{batch}-model", lambda: os.kill(pid, signal.SIGKILL))
     assert any('"error"' in line for line in rest), rest[-3:]  # the stream ends with an error event
     # both ingress replicas die while a stream is in flight through one of them
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{server['app_name']}#ingress#")]
+    names = ingress_replicas(server)
     assert len(names) == 2, names
     handles = [ray.get_actor(n, namespace="serve") for n in names]
     _first_chunk_then(server, f"{batch}-ingress", lambda: [ray.kill(h, no_restart=True) for h in handles])
