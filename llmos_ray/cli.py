@@ -9,6 +9,7 @@ import sys
 
 from llmos_ray.library_cli import add_library_parsers
 from llmos_ray.runtime import command
+from llmos_ray.usage_cli import add_usage_parsers
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +153,13 @@ def cmd_serve(args) -> None:
         else ""
     print(f"serving {', '.join(s.models)} at {url}/v1 (OpenAI) and {url}/v2 (KServe v2); Ctrl-C stops\n"
           f"try: curl {url}/v1/models{auth}")
+    if s.metering:
+        from llmos_ray.serve.build import usage_url
+        from llmos_ray.serve.ledger import redacted
+
+        where = "".join(f" {flag} {value}" for flag, value in (("-c", args.config), ("--registry", args.registry))
+                        if value)
+        print(f"usage ledger: {redacted(usage_url(cfg.resolved()))}; see it: {command()} usage --since 1d{where}")
     run_until_stopped(cfg)
     print("stopped")
 
@@ -244,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serving_parsers(sub)
     _cluster_parser(sub)
     add_library_parsers(sub)
+    add_usage_parsers(sub)
     return parser
 
 

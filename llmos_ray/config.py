@@ -460,23 +460,31 @@ class ServeConfig(ServedModelOptions):
     """Ray Serve application name (`serve status`, `serve delete`)."""
     route_prefix: str = "/"
     """URL prefix of the HTTP API."""
-    api_keys: list[str] = field(default_factory=list)
-    """Accepted API keys, also read from LLMOS_API_KEYS (comma separated) and api_keys_file; none at all = open."""
+    api_keys: list[Union[str, dict[str, Any]]] = field(default_factory=list)
+    """Accepted API keys, also read from LLMOS_API_KEYS (comma separated) and api_keys_file; none at all = open.
+    A key is a string or a record {name, key | sha256, tenant, models, apps, rpm, tpm, budget_tokens,
+    budget_period, admin} (see llmos_ray.serve.keys)."""
     api_keys_file: Optional[str] = None
-    """File with one API key per line (blank lines and # comments ignored)."""
+    """File of API keys: YAML/JSON records (`keys: [...]`) or one key per line (blank lines and # comments ignored)."""
+    metering: bool = True
+    """Record every request in the usage ledger and enforce the keys' limits (rpm, tpm, budgets)."""
+    usage_db: Optional[str] = None
+    """The usage ledger's SQLAlchemy URL (e.g. postgresql://...); None = sqlite usage.db beside the model library."""
     max_request_bytes: int = 1_000_000
     """Largest accepted request body in bytes; larger requests get 413."""
     retry_after_s: int = 1
     """Seconds a client is told to wait (Retry-After) when a model is over capacity (503)."""
     ingress_max_ongoing_requests: int = 1000
     """Requests one HTTP ingress replica handles at once before the proxy answers 503."""
+    ingress_replicas: int = 1
+    """HTTP ingress replicas (they share one usage meter: limits hold across them)."""
     model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-model overrides of the 'Per model' keys by served name, e.g. {tiny: {max_replicas: 4, quantize: int8}}."""
     apps_refresh_s: float = 2.0
     """How often (seconds, at most) a running server re-checks the model library for new or changed apps."""
 
     def validate(self, where: str = "serve") -> None:
-        for key in ("port", "max_request_bytes", "ingress_max_ongoing_requests"):
+        for key in ("port", "max_request_bytes", "ingress_max_ongoing_requests", "ingress_replicas"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"serve.{key} must be > 0, got {getattr(self, key)}")
         if self.retry_after_s < 0 or self.apps_refresh_s < 0:

@@ -53,6 +53,9 @@ MISTAKES = [
     (["evaluate", "--model", "{not_a_model}"], "has no config.json"),
     (["models", "show", "no-such-model"], "no-such-model"),
     (["models", "register", "x", "/nonexistent/export"], "/nonexistent/export"),
+    (["usage", "--db", "sqlite:///{tmp}/usage.db", "--since", "yesterday"], "since: 'yesterday'"),
+    (["usage", "--db", "nosuchdb://x/y"], "serve.usage_db 'nosuchdb://x/y' cannot be opened"),
+    (["keys", "new", "alice", "--rpm", "0"], "rpm: must be a positive integer"),
 ]
 
 

@@ -8,7 +8,8 @@ A request's way through the modules:
 
     build       build_app / emit_config: config -> spec per model (spec) -> the Serve application
     ingress     the FastAPI routes (one Ingress deployment), each delegating to:
-      middleware    request ids, API keys, body limit, request metrics, the error shape
+      middleware    request ids, API keys (keys), limits and the usage ledger (meter: quota, ledger),
+                    body limit, request metrics, the error shape
       openai        /v1/completions and /v1/chat/completions: one pipeline; /v1/models
       kserve        the KServe v2 / Triton protocol and its routes
       prompt_apps   ready-made prompt apps (/v1/apps)
@@ -84,6 +85,11 @@ def run_until_stopped(config: Any = None) -> None:
             signal.signal(sig, handler)
         log.info("shutting down application %s", cfg.serve.app_name)
         ray_serve.delete(cfg.serve.app_name)
+        if cfg.serve.metering:  # its usage meter (detached) writes what it still holds, then ends
+            from llmos_ray.serve.build import usage_url
+            from llmos_ray.serve.meter import stop_meter
+
+            stop_meter(cfg.serve.app_name, usage_url(cfg))
         if _started_ray:
             ray.shutdown()
 

@@ -25,7 +25,8 @@ from llmos_ray.registry import registry_uri
 from llmos_ray.schema import set_dotted, yaml_value
 from llmos_ray.serve.classifier import classifier_deployment
 from llmos_ray.serve.ingress import IngressDeployment
-from llmos_ray.serve.middleware import resolve_api_keys
+from llmos_ray.serve.keys import resolve_keys
+from llmos_ray.serve.ledger import default_url
 from llmos_ray.serve.replica import model_deployment
 from llmos_ray.serve.spec import _split, resolve_models
 from llmos_ray.serve.vllm import vllm_deployment
@@ -82,15 +83,26 @@ def build_app(config: Union[Config, ServeConfig, dict, str, None] = None):
         else:
             handles[spec.name] = vllm_deployment(spec) if spec.engine == "vllm" else model_deployment(spec)
     s = cfg.serve
-    settings = {"api_keys": resolve_api_keys(s.api_keys, s.api_keys_file), "api_keys_file": s.api_keys_file,
-                "max_request_bytes": s.max_request_bytes, "retry_after_s": s.retry_after_s,
-                "registry": registry_uri(cfg.registry.uri), "apps_refresh_s": s.apps_refresh_s}
+    keys = resolve_keys(s.api_keys, s.api_keys_file)  # only hashes go on: no secret in the Serve config
+    limited = [k.name for k in keys if k.limited]
+    if limited and not s.metering:
+        raise ConfigError(f"serve.metering is off but keys {', '.join(limited)} have limits (rpm, tpm, "
+                          "budget_tokens): turn metering on or drop the limits")
+    settings = {"keys": [k.to_dict() for k in keys], "max_request_bytes": s.max_request_bytes,
+                "retry_after_s": s.retry_after_s, "registry": registry_uri(cfg.registry.uri),
+                "apps_refresh_s": s.apps_refresh_s, "metering": s.metering, "app_name": s.app_name,
+                "ingress_replicas": s.ingress_replicas, "usage_db": usage_url(cfg)}
     ingress = serve.deployment(IngressDeployment).options(
-        name="ingress", max_ongoing_requests=s.ingress_max_ongoing_requests,
+        name="ingress", num_replicas=s.ingress_replicas, max_ongoing_requests=s.ingress_max_ongoing_requests,
         max_queued_requests=s.ingress_max_ongoing_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
         ray_actor_options={"num_cpus": 0.25})
     return ingress.bind(settings, [spec.to_dict() for spec in specs], handles)
+
+
+def usage_url(cfg: Config) -> str:
+    """The usage ledger's database URL: serve.usage_db, else SQLite beside the model library."""
+    return cfg.serve.usage_db or default_url(registry_uri(cfg.registry.uri))
 
 
 def emit_config(config: Config, path: Optional[str] = None) -> str:

@@ -21,6 +21,7 @@ import logging
 import time
 from typing import Any, AsyncIterator, Optional
 
+from llmos_ray.serve.keys import KeyRecord
 from llmos_ray.serve.metrics import get_metrics
 from llmos_ray.serve.middleware import RequestContext, current_request_id
 from llmos_ray.serve.protocol import SamplingFields
@@ -50,15 +51,23 @@ class ServedModels:
         self.metrics = get_metrics()
         self._ready: set[str] = set()
 
-    def get(self, name: Any, ctx: Optional[RequestContext] = None, param: str = "model") -> ModelSpec:
-        """The spec of served model `name` (404 naming `param` otherwise); counted under it in `ctx`."""
+    def get(self, name: Any, ctx: Optional[RequestContext] = None, param: str = "model",
+            key: Optional[KeyRecord] = None) -> ModelSpec:
+        """The spec of served model `name` (404 naming `param` otherwise); counted under it in `ctx`.
+        A model the caller's key (`key`, else ctx.key) may not use is a 404 like a model that is not
+        served: the message names only the models the key may use."""
         # Names are only ever dictionary keys here: a name is never turned into a path.
-        if not isinstance(name, str) or name not in self.specs:
-            raise APIError(404, f"model {shown(name)} does not exist; served models: {', '.join(self.specs)}",
+        key = key if key is not None or ctx is None else ctx.key
+        if not isinstance(name, str) or name not in self.specs or (key is not None and not key.allows_model(name)):
+            raise APIError(404, f"model {shown(name)} does not exist; served models: {', '.join(self.visible(key))}",
                            param=param, code="model_not_found")
         if ctx is not None:
             ctx.model = name
         return self.specs[name]
+
+    def visible(self, key: Optional[KeyRecord]) -> list[str]:
+        """The served models key `key` may use (all when None)."""
+        return [n for n in self.specs if key is None or key.allows_model(n)]
 
     @staticmethod
     def sampling_params(fields: SamplingFields, spec: ModelSpec, max_tokens: Optional[int],
@@ -217,6 +226,7 @@ class ServedModels:
         chunk, done = first, False
         try:
             while True:
+                ctx.charge(chunk.prompt_tokens, chunk.completion_tokens)
                 text, finish = self._screen(spec, filt, chunk.text, chunk.finish_reason)
                 if text and ctx.ttft_s is None:
                     ctx.ttft_s = time.perf_counter() - ctx.t0

@@ -104,6 +104,7 @@ class EmbeddingRoutes:
             raise bad_request("dimensions: not supported by this server (embeddings have the model's hidden size)",
                               "dimensions", "unsupported_parameter")
         vectors, tokens = await self.models.call(spec, "embed", _inputs(req.input))
+        ctx.charge(tokens, 0)  # the key's usage and limits count embedded tokens as prompt tokens
         data = [{"object": "embedding", "index": i, "embedding": _encoded(v, req.encoding_format)}
                 for i, v in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": spec.name,

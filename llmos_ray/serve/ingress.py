@@ -7,16 +7,18 @@
     /v1/embeddings                   embeddings.EmbeddingRoutes
     /tokenize, /detokenize           tokens.TokenRoutes (vLLM's shapes)
     /v1/stats                        the engines' counters (dispatch.ServedModels.stats)
+    /v1/usage, /v1/admin/usage       the usage ledger: the caller's own, everyone's (an admin key)
     /v1/apps, /v1/apps/{app}         prompt_apps (apps from the app store, app_store.AppCatalog)
     /v1/classify                     classify.ClassifyRoutes (classifier models)
     /v2/...                          kserve.KServeRoutes (probes under /v2/health need no key)
 
-Request ids, API keys, the body limit, request metrics and the error shape are the middleware's
-(`middleware`); routing a request to its model's replicas, retries and safety are
-`dispatch.ServedModels`'. One `Ingress` deployment sits in front of one `replica.ModelServer`
-deployment per model (`build.build_app`). Every POST route's body is one strict request model,
-parsed by `validation` (`REQUEST_MODELS` lists them: the hostile-input tests fuzz every route
-from it, so a new route belongs there).
+Request ids, API keys, limits, the body limit, request metrics and the error shape are the
+middleware's (`middleware`, with `keys` and the usage meter `meter`); routing a request to its
+model's replicas, retries and safety are `dispatch.ServedModels`'. One `Ingress` deployment (or
+serve.ingress_replicas of them) sits in front of one `replica.ModelServer` deployment per model
+(`build.build_app`). Every POST route's body is one strict request model, parsed by `validation`
+(`REQUEST_MODELS` lists them: the hostile-input tests fuzz every route from it, so a new route
+belongs there).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from llmos_ray.serve.app_store import AppCatalog, builtin_apps
 from llmos_ray.serve.classify import ClassifyRequest, ClassifyRoutes
 from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.embeddings import EmbeddingRequest, EmbeddingRoutes
+from llmos_ray.serve.keys import KeyRecord
 from llmos_ray.serve.kserve import GenerateBody, InferBody, KServeRoutes
-from llmos_ray.serve.middleware import Guard, context, install, metered, request_body, resolve_api_keys
+from llmos_ray.serve.meter import Meter, usage_report
+from llmos_ray.serve.middleware import Guard, context, install, metered, request_body
 from llmos_ray.serve.openai import CHAT, COMPLETIONS, OpenAIRoutes
 from llmos_ray.serve.tokens import DetokenizeRequest, TokenizeRequest, TokenRoutes
 
@@ -63,8 +67,10 @@ class Ingress:
     """One ingress replica: its API keys and limits (`guard`), the served models, and the routes."""
 
     def __init__(self, settings: dict[str, Any], specs: list[dict[str, Any]], handles: dict[str, Any]):
-        keys = resolve_api_keys(settings["api_keys"], settings.get("api_keys_file"))
-        self.guard = Guard(keys, settings["max_request_bytes"])
+        keys = [KeyRecord.from_dict(k) for k in settings["keys"]]
+        meter = (Meter(settings["app_name"], settings["usage_db"], settings.get("ingress_replicas", 1))
+                 if settings.get("metering") else None)
+        self.guard = Guard(keys, settings["max_request_bytes"], meter)
         self.models = ServedModels(specs, handles, settings["retry_after_s"])
         self.openai = OpenAIRoutes(self.models)
         self.kserve = KServeRoutes(self.models)
@@ -72,8 +78,8 @@ class Ingress:
         self.tokens = TokenRoutes(self.models)
         self.embeddings = EmbeddingRoutes(self.models)
         self.apps = AppCatalog(settings.get("registry"), settings.get("apps_refresh_s", 2.0))
-        log.info("ingress for models %s; API keys %s", list(self.models.specs),
-                 "required" if keys else "not required")
+        log.info("ingress for models %s; API keys %s; metering %s", list(self.models.specs),
+                 "required" if keys else "not required", "on" if meter else "off")
 
     # -- OpenAI API --------------------------------------------------------------------------
 
@@ -82,12 +88,12 @@ class Ingress:
         return JSONResponse({"status": "ok", "models": list(self.models.specs)})
 
     @api.get("/v1/models", dependencies=metered("models"))
-    async def list_models(self) -> Response:
-        return JSONResponse(self.openai.list_models())
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse(self.openai.list_models(context(request).key))
 
     @api.get("/v1/models/{name:path}", dependencies=metered("models"))
-    async def get_model(self, name: str) -> Response:
-        return JSONResponse(self.openai.get_model(name))
+    async def get_model(self, name: str, request: Request) -> Response:
+        return JSONResponse(self.openai.get_model(name, context(request).key))
 
     @api.post("/v1/completions", dependencies=metered("completions"))
     async def completions(self, request: Request, body: bytes = Depends(request_body)) -> Response:
@@ -120,12 +126,22 @@ class Ingress:
         return JSONResponse({"models": await self.models.stats()})
 
     @api.get("/v1/apps", dependencies=metered("apps"))
-    async def list_apps(self) -> Response:
-        return JSONResponse(await prompt_apps.catalog(self.apps))
+    async def list_apps(self, request: Request) -> Response:
+        return JSONResponse(await prompt_apps.catalog(self.apps, context(request).key))
 
     @api.post("/v1/apps/{app}", dependencies=metered(prompt_apps.route_name))
     async def run_app(self, app: str, request: Request, body: bytes = Depends(request_body)) -> Response:
         return await prompt_apps.run(self.models, self.apps, app, body, context(request))
+
+    # -- usage (never refused for being over a limit: a key over budget may still look) --------
+
+    @api.get("/v1/usage", dependencies=metered("usage", limited=False))
+    async def usage(self, request: Request) -> Response:
+        return JSONResponse(await usage_report(self.guard, context(request), dict(request.query_params), False))
+
+    @api.get("/v1/admin/usage", dependencies=metered("admin/usage", limited=False))
+    async def admin_usage(self, request: Request) -> Response:
+        return JSONResponse(await usage_report(self.guard, context(request), dict(request.query_params), True))
 
     # -- KServe v2 ---------------------------------------------------------------------------
 
@@ -143,13 +159,13 @@ class Ingress:
 
     @api.get("/v2/models/{name}", dependencies=metered("v2/metadata"))
     @api.get("/v2/models/{name}/versions/{version}", dependencies=metered("v2/metadata"))
-    async def v2_model(self, name: str, version: str = "1") -> Response:
-        return JSONResponse(self.kserve.model_metadata(name))
+    async def v2_model(self, name: str, request: Request, version: str = "1") -> Response:
+        return JSONResponse(self.kserve.model_metadata(name, context(request).key))
 
     @api.get("/v2/models/{name}/ready", dependencies=metered("v2/ready"))
     @api.get("/v2/models/{name}/versions/{version}/ready", dependencies=metered("v2/ready"))
-    async def v2_model_ready(self, name: str, version: str = "1") -> Response:
-        return await self.kserve.model_ready(name)
+    async def v2_model_ready(self, name: str, request: Request, version: str = "1") -> Response:
+        return await self.kserve.model_ready(name, context(request).key)
 
     @api.post("/v2/models/{name}/infer", dependencies=metered("v2/infer"))
     @api.post("/v2/models/{name}/versions/{version}/infer", dependencies=metered("v2/infer"))

@@ -246,12 +246,12 @@ class KServeRoutes:
         ready = all(await asyncio.gather(*(self.models.ready(n) for n in self.models.specs)))
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    def model_metadata(self, name: str) -> dict[str, Any]:
-        spec = self.models.get(name, param="name")
+    def model_metadata(self, name: str, key=None) -> dict[str, Any]:
+        spec = self.models.get(name, param="name", key=key)
         return classify.model_metadata(spec.name) if spec.task == "classification" else model_metadata(spec.name)
 
-    async def model_ready(self, name: str) -> Response:
-        spec = self.models.get(name, param="name")
+    async def model_ready(self, name: str, key=None) -> Response:
+        spec = self.models.get(name, param="name", key=key)
         ready = await self.models.ready(spec.name)
         return JSONResponse({"name": spec.name, "ready": ready}, status_code=200 if ready else 503)
 
@@ -270,6 +270,7 @@ class KServeRoutes:
         else:
             results = await asyncio.gather(*(self.models.generate(spec, GenerationRequest(params=params, prompt=t))
                                              for t in parsed.texts))
+            ctx.charge(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
             finished = self.models.finish(spec, results)
             texts, finishes = [t for t, _ in finished], [f for _, f in finished]
         payload, headers = infer_response(
@@ -291,6 +292,7 @@ class KServeRoutes:
         if self.models.input_blocked(spec, [gen.prompt]):
             return JSONResponse({**head, "text_output": "", "finish_reason": "content_filter"})
         result = await self.models.generate(spec, gen)
+        ctx.charge(result.prompt_tokens, result.completion_tokens)
         (text, finish), = self.models.finish(spec, [result])
         return JSONResponse({**head, "text_output": text, "finish_reason": finish,
                              "usage": usage(result.prompt_tokens, result.completion_tokens)},

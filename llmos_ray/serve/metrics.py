@@ -1,6 +1,7 @@
 """Serving metrics through `ray.util.metrics` (exported by Ray as Prometheus `ray_llmos_serve_*`).
 
 Ingress: requests by model/route/status, latency, time to first token, safety blocks.
+Ingress, per key: tokens by key NAME (never the secret), tenant, model and kind (prompt/completion).
 Model replicas: generated tokens (and tokens/s), sequences waiting for a batch slot (queue depth),
 running sequences, decode batch size.
 """
@@ -26,6 +27,7 @@ class ServeMetrics:
     queue_depth: Any
     running: Any
     batch_size: Any
+    tokens: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,4 +53,6 @@ def get_metrics() -> ServeMetrics:
         running=Gauge("llmos_serve_running_sequences", "Sequences being decoded in one replica.", tag_keys=model),
         batch_size=Histogram("llmos_serve_batch_size", "Sequences decoded together per step.",
                              boundaries=BATCH_BOUNDARIES, tag_keys=model),
+        tokens=Counter("llmos_serve_tokens", "Tokens charged to API keys (prompt and completion), by key name.",
+                       tag_keys=("key", "tenant", "model", "kind")),
     )

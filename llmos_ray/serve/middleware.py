@@ -4,7 +4,12 @@
                   it names the request in error logs and comes back as a response header
     metrics       llmos_serve_requests{model, route, status} and the latency to the last byte
                   (streams included), for every route that declares `metered(route)`
-    API keys      `Authorization: Bearer <key>` on metered routes (health probes stay open)
+    API keys      `Authorization: Bearer <key>` on metered routes (health probes stay open): the
+                  key's record (`keys.KeyRecord`: name, tenant, models, apps, limits) goes into the
+                  context; a key with limits is admitted by the usage meter (429 otherwise)
+    usage         every request that reached a model or an app (or was refused with 429) becomes
+                  one ledger row when it ended, streams included, also when the client went away
+                  (`meter.Meter.record`): the handlers put the tokens into the context
     body limit    serve.max_request_bytes, checked as the body arrives (`request_body`)
     error shape   APIError -> OpenAI's {"error": {message, type, param, code}} on /v1 and
                   KServe's {"error": "..."} on /v2; an error no handler caught -> the same, 500;
@@ -21,14 +26,12 @@ reads that id, and returns one itself only when no proxy put one on the request.
 from __future__ import annotations
 
 import contextvars
-import hmac
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,13 +39,12 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmos_ray.errors import ConfigError
+from llmos_ray.serve.keys import KeyRecord, Keyring
 from llmos_ray.serve.metrics import get_metrics
 from llmos_ray.serve.types import APIError
 
 log = logging.getLogger(__name__)
 
-API_KEYS_ENV = "LLMOS_API_KEYS"
 REQUEST_ID_HEADER = "x-request-id"
 _STATE_KEY = "llmos"
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("llmos_request_id", default="-")
@@ -61,6 +63,19 @@ class RequestContext:
     """The served model, once a handler has resolved it."""
     ttft_s: Optional[float] = None
     """Time to the first streamed text, once seen."""
+    key: Optional[KeyRecord] = None
+    """The caller's API key (None on an open server)."""
+    app: str = "-"
+    """The prompt app run, once resolved."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens of the request so far (a stream's grow as it goes): what the ledger records."""
+    meter: Any = None
+    """The ingress replica's `meter.Meter` (None = metering off)."""
+
+    def charge(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """The request's tokens so far (the same numbers as the response's `usage`)."""
+        self.prompt_tokens, self.completion_tokens = int(prompt_tokens), int(completion_tokens)
 
 
 def context(request: Request) -> RequestContext:
@@ -108,6 +123,8 @@ class RequestMiddleware:
             _request_id.reset(token)
             if ctx.route is not None:
                 _observe(ctx, status)
+                if ctx.meter is not None and (ctx.model != "-" or ctx.app != "-" or status == 429):
+                    ctx.meter.record(ctx, status)
 
 
 def _observe(ctx: RequestContext, status: int) -> None:
@@ -161,36 +178,28 @@ def install(api: FastAPI) -> FastAPI:
 # -- API keys and the body limit ---------------------------------------------------------------
 
 
-def resolve_api_keys(keys: list[str], keys_file: Optional[str]) -> list[str]:
-    """Keys from the config, $LLMOS_API_KEYS (comma separated) and the keys file, in that order."""
-    found = [k.strip() for k in keys if k.strip()]
-    found += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    if keys_file:
-        try:
-            with open(os.path.expanduser(keys_file)) as f:
-                found += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-        except OSError as e:
-            raise ConfigError(f"serve.api_keys_file {keys_file!r} cannot be read: {e}") from None
-    return list(dict.fromkeys(found))
-
-
 class Guard:
-    """The API keys (none = open) and the request size limit of one ingress replica."""
+    """The API keys (none = open), the usage meter (None = off) and the request size limit of one
+    ingress replica."""
 
-    def __init__(self, keys: list[str], max_request_bytes: int):
-        self.keys = [k.encode() for k in keys]
+    def __init__(self, keys: list[KeyRecord], max_request_bytes: int, meter=None):
+        self.keyring = Keyring(keys)
         self.max_request_bytes = max_request_bytes
+        self.meter = meter
 
-    def authenticate(self, request: Request) -> None:
-        if not self.keys:
-            return
+    def authenticate(self, request: Request) -> Optional[KeyRecord]:
+        """The caller's key record (None on an open server); 401 for a missing or unknown key."""
+        if self.keyring.open:
+            return None
         header = request.headers.get("authorization", "")
-        token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
         if not token:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        if not any(hmac.compare_digest(token, k) for k in self.keys):
+        record = self.keyring.find(token)
+        if record is None:
             raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return record
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.max_request_bytes
@@ -219,18 +228,23 @@ class _Metered:
     """The dependency `metered` adds. A module-level class, not a closure: Serve ships the app to
     its replicas by value, and FastAPI reads a dependency's signature there, in the replica."""
 
-    def __init__(self, route: Union[str, Callable[[Request], str]]):
-        self.route = route
+    def __init__(self, route: Union[str, Callable[[Request], str]], limited: bool = True):
+        self.route, self.limited = route, limited
 
     async def __call__(self, request: Request) -> None:
-        context(request).route = self.route(request) if callable(self.route) else self.route
-        _guard().authenticate(request)
+        ctx = context(request)
+        ctx.route = self.route(request) if callable(self.route) else self.route
+        guard = _guard()
+        ctx.key = guard.authenticate(request)
+        ctx.meter = guard.meter
+        if guard.meter is not None and self.limited:
+            await guard.meter.admit(ctx.key)
 
 
-def metered(route: Union[str, Callable[[Request], str]]) -> list:
-    """Route dependencies: count the request under `route` (a name, or a function of the request)
-    and require an API key."""
-    return [Depends(_Metered(route))]
+def metered(route: Union[str, Callable[[Request], str]], limited: bool = True) -> list:
+    """Route dependencies: count the request under `route` (a name, or a function of the request),
+    require an API key and (`limited`) admit it under the key's limits."""
+    return [Depends(_Metered(route, limited))]
 
 
 async def request_body(request: Request) -> bytes:

@@ -223,11 +223,12 @@ class OpenAIRoutes:
         self.models = models
         self.created = int(time.time())
 
-    def list_models(self) -> dict:
-        return {"object": "list", "data": [self._card(s) for s in self.models.specs.values()]}
+    def list_models(self, key=None) -> dict:
+        """The models the caller's key may use (all on an open server)."""
+        return {"object": "list", "data": [self._card(self.models.specs[n]) for n in self.models.visible(key)]}
 
-    def get_model(self, name: str) -> dict:
-        return self._card(self.models.get(name))
+    def get_model(self, name: str, key=None) -> dict:
+        return self._card(self.models.get(name, key=key))
 
     def _card(self, spec: ModelSpec) -> dict:
         created = self.created
@@ -261,6 +262,7 @@ class OpenAIRoutes:
         choices = [endpoint.choice(i, text, finish, results[i], plan)
                    for i, (text, finish) in enumerate(self.models.finish(spec, results))]
         use = usage(sum(r.prompt_tokens for r in results[::plan.n]), sum(r.completion_tokens for r in results))
+        ctx.charge(use["prompt_tokens"], use["completion_tokens"])
         return JSONResponse(endpoint.response(rid, spec.name, choices, use),
                             headers={"x-llmos-batch-size": str(max(r.batch_size for r in results))})
 
@@ -294,6 +296,8 @@ class OpenAIRoutes:
         held = [] if plan.tool_calls is not None else None  # tool calls are parsed from the whole text
         async for text, finish, chunk in self.models.pieces(spec, first, stream, ctx):
             last[index] = chunk
+            # pieces() charged this choice's tokens; the request's are every choice's (as its usage)
+            ctx.charge(sum(c.prompt_tokens for c in last[::plan.n]), sum(c.completion_tokens for c in last))
             if held is not None:
                 held.append(text)
                 for event in (endpoint.call_events(rid, spec.name, created, "".join(held), finish, plan, index)
@@ -328,7 +332,11 @@ class OpenAIRoutes:
             return self._blocked(endpoint, new_id(endpoint.id_prefix), spec.name, plan.stream, 1)
         pieces = vllm.forward(self.models.handles[spec.name], endpoint.route, data)
         if not plan.stream:
-            return JSONResponse(await pieces.__anext__())
+            answer = await pieces.__anext__()
+            use = answer.get("usage") if isinstance(answer, dict) else None
+            if isinstance(use, dict):  # charged as our own engine's answers are (streams from vLLM: not yet)
+                ctx.charge(use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
+            return JSONResponse(answer)
 
         async def events():
             async for piece in pieces:

@@ -32,11 +32,12 @@ from llmos_ray.serve.app_specs import AppSpec, Param
 from llmos_ray.serve.app_store import AppCatalog, latest, pick
 from llmos_ray.serve.classify import require_generative
 from llmos_ray.serve.dispatch import ServedModels
+from llmos_ray.serve.keys import KeyRecord
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import SamplingFields, new_id, usage
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import APIError, GenerationRequest
-from llmos_ray.serve.validation import parse_body, validate
+from llmos_ray.serve.validation import parse_body, shown, validate
 
 _known: set[str] = set()
 """App names of the latest catalogue read in this process (metrics label only known names)."""
@@ -85,9 +86,10 @@ def parameter_values(spec: AppSpec, req: BaseModel) -> dict[str, Any]:
     return {p.name: getattr(req, f"param_{p.name}") for p in spec.parameters}
 
 
-async def catalog(apps: AppCatalog) -> dict[str, Any]:
-    """GET /v1/apps: the latest version of every app (the library is re-read when it changed)."""
-    specs = latest(await asyncio.to_thread(apps.refresh))
+async def catalog(apps: AppCatalog, key: Optional[KeyRecord] = None) -> dict[str, Any]:
+    """GET /v1/apps: the latest version of every app the caller's key may run (the library is
+    re-read when it changed)."""
+    specs = [s for s in latest(await asyncio.to_thread(apps.refresh)) if key is None or key.allows_app(s.name)]
     _known.update(s.name for s in specs)
     return {"object": "list", "data": [s.describe() for s in specs]}
 
@@ -98,13 +100,17 @@ def route_name(request: Request) -> str:
     return f"apps/{app}" if app in _known else "apps"
 
 
-async def find(apps: AppCatalog, ref: str) -> AppSpec:
-    """The app `ref` names, or a 404 naming the apps there are."""
+async def find(apps: AppCatalog, ref: str, key: Optional[KeyRecord] = None) -> AppSpec:
+    """The app `ref` names, or a 404 naming the apps there are. An app the caller's `key` may not
+    run is a 404 like one that does not exist, naming none."""
     current = await asyncio.to_thread(apps.refresh)
+    if key is not None and key.apps is not None:
+        current = {name: versions for name, versions in current.items() if key.allows_app(name)}
     try:
         spec = pick(current, ref)
     except ConfigError as e:
-        raise APIError(404, str(e), param="app", code="app_not_found") from None
+        message = str(e) if key is None or key.apps is None else f"app {shown(ref)} does not exist"
+        raise APIError(404, message, param="app", code="app_not_found") from None
     _known.add(spec.name)
     return spec
 
@@ -149,7 +155,8 @@ async def check_requirements(spec: AppSpec, model: ModelSpec, models: ServedMode
 
 async def run(models: ServedModels, apps: AppCatalog, app: str, body: bytes, ctx: RequestContext) -> Response:
     """POST /v1/apps/{app}: render the prompt, generate, answer with the app's output."""
-    spec = await find(apps, app)
+    spec = await find(apps, app, ctx.key)
+    ctx.app, ctx.route = spec.name, f"apps/{spec.name}"  # whichever ingress replica saw the app first
     req = parse_body(body, request_model(spec))
     messages = spec.render(parameter_values(spec, req))
     model = models.get(choose_model(spec, req.model, models), ctx)
@@ -167,6 +174,7 @@ async def run(models: ServedModels, apps: AppCatalog, app: str, body: bytes, ctx
         (text, finish), = models.finish(model, [result])
         text, finish = spec.screen_output(text, finish)
         use = usage(result.prompt_tokens, result.completion_tokens)
+        ctx.charge(result.prompt_tokens, result.completion_tokens)
     return JSONResponse(response(spec, model.name, text, finish, use))
 
 

@@ -1,7 +1,8 @@
 """Serve fixtures: a LoRA adapter over the tiny model, free ports, and the package's one Serve app.
 
-`server` (package scope) is one Serve app shared by test_hostile.py and test_http.py, three models
-behind one ingress:
+`server` (package scope) is one Serve app shared by test_hostile.py, test_http.py and
+test_metering.py, three models behind two ingress replicas (they share one usage meter; the
+ledger is `usage.db` beside the model library), keys with limits in LIMITED_KEYS:
 
   tiny     the tiny model, served by its registry name; input blocklist ['forbiddenword']
   lora     a LoRA adapter directory over the tiny model; small limits (max_tokens 16, at most 4
@@ -21,6 +22,15 @@ import httpx
 import pytest
 
 KEY, FILE_KEY, ENV_KEY = "sk-test", "sk-from-file", "sk-from-env"
+LIMITED_KEYS = [  # records in serve.api_keys (test_metering.py); each secret is findable in any text
+    {"name": "rpm5", "key": "sk-secret-rpm5-4f1c", "tenant": "acme", "rpm": 5},
+    {"name": "budget", "key": "sk-secret-budget-9d2e", "tenant": "acme", "models": ["tiny"], "budget_tokens": 40,
+     "budget_period": "day"},
+    {"name": "onlytiny", "key": "sk-secret-onlytiny-77aa", "tenant": "beta", "models": ["tiny"], "apps": []},
+    {"name": "counted", "key": "sk-secret-counted-0b3f", "tenant": "beta"},
+    {"name": "ops", "key": "sk-secret-admin-c0de", "admin": True},
+]
+SECRETS = {k["name"]: k["key"] for k in LIMITED_KEYS}
 
 
 def free_port() -> int:
@@ -51,6 +61,8 @@ def server(ray_session, tiny_model_dir, lora_dir, tmp_path_factory):
     import llmos_ray.serve
     from llmos_ray import registry
     from llmos_ray.config import load_config
+    from llmos_ray.serve.build import usage_url
+    from llmos_ray.serve.meter import stop_meter
 
     tmp = tmp_path_factory.mktemp("serve")
     reg = str(tmp / "models.json")
@@ -66,7 +78,8 @@ def server(ray_session, tiny_model_dir, lora_dir, tmp_path_factory):
         "serve.port": port,
         "serve.models": ["tiny", f"lora={lora_dir}", "guarded=tiny:prod"],
         "serve.apps_refresh_s": 0.2,
-        "serve.api_keys": [KEY],
+        "serve.api_keys": [KEY, *LIMITED_KEYS],
+        "serve.ingress_replicas": 2,
         "serve.api_keys_file": str(keys_file),
         "serve.max_request_bytes": 200_000,
         "serve.max_tokens_limit": 400,
@@ -86,8 +99,10 @@ def server(ray_session, tiny_model_dir, lora_dir, tmp_path_factory):
     print(f"serve app ready in {time.perf_counter() - t0:.1f} s")
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
-        yield {"url": url, "port": port, "client": client, "registry": reg, "tiny": tiny_model_dir, "lora": lora_dir}
+        yield {"url": url, "port": port, "client": client, "registry": reg, "tiny": tiny_model_dir, "lora": lora_dir,
+               "usage_db": usage_url(cfg), "app_name": cfg.serve.app_name}
     serve.shutdown()
+    stop_meter(cfg.serve.app_name, usage_url(cfg))
 
 
 def error_of(response: httpx.Response) -> dict:

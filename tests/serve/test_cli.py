@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 
@@ -44,7 +46,7 @@ def test_serve_command_runs_until_sigterm(ray_session, tiny_model_dir, tmp_path,
     thread.start()
     try:
         code = main(["serve", "--model", f"tiny={tiny_model_dir}", "--port", str(port), "--api-key", "k",
-                     "serve.max_batch_size=4"])
+                     "serve.max_batch_size=4", f"serve.usage_db=sqlite:///{tmp_path}/usage.db"])
     finally:
         thread.join()
         serve.shutdown()  # the next module starts Serve on its own port
@@ -53,6 +55,10 @@ def test_serve_command_runs_until_sigterm(ray_session, tiny_model_dir, tmp_path,
     assert seen["app"]["model"] == "tiny" and seen["app"]["app"] == "summarize"
     out = capsys.readouterr().out
     assert f"http://127.0.0.1:{port}/v1" in out and "stopped" in out.splitlines()
+    assert f"usage ledger: sqlite:///{tmp_path}/usage.db" in out
+    with sqlite3.connect(tmp_path / "usage.db") as db:  # written out when the command stopped
+        rows = db.execute("SELECT key, model, app, status FROM llmos_usage ORDER BY time").fetchall()
+    assert rows == [(f"key-{hashlib.sha256(b'k').hexdigest()[:8]}", "tiny", app, 200) for app in ("-", "summarize")]
     assert signal.getsignal(signal.SIGTERM) is before  # restored
 
 
