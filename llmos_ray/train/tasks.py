@@ -18,9 +18,7 @@ serves (models.TASK_CLASSES):
     Distill                 a student against a frozen teacher's logits
     MaskedLM                BERT's masked LM (pretraining a bert family model)
     SequenceClassification  labels of texts (finetune.task=classification)
-
-Issue 18's seq2seq plugs in the same way: `finetune.task=seq2seq` and t5 pretraining choose a Task
-here whose model_task is "seq2seq".
+    Seq2SeqLM               an encoder-decoder's target given its source (finetune.task=seq2seq)
 """
 
 from __future__ import annotations
@@ -170,6 +168,44 @@ class SequenceClassification:
         return nll.item(), int(batch["labels"].shape[0])
 
 
+@dataclass
+class Seq2SeqLM:
+    """An encoder-decoder learning each target token given the source and the target before it
+    (teacher forcing), from a structured array of pairs (data/seq2seq.Pairs). The decoder's inputs
+    are the labels shifted right behind the decoder start token (padding where a label is
+    ignored), as T5's `_shift_right`. Each micro-batch is cut to its longest source and longest
+    target. The loss is the mean cross-entropy per target token; the validation NLL sums it, so
+    val_loss is per held-out target token (and val_ppl its exponential)."""
+
+    decoder_start_id: int
+    pad_id: int
+    name = "seq2seq"
+    model_task = "seq2seq"
+
+    def batch(self, micro: np.ndarray, device) -> dict[str, Any]:
+        import torch
+
+        width = max(1, int(micro["attention_mask"].sum(axis=1).max()))
+        target = max(1, int((micro["labels"] != -100).sum(axis=1).max()))
+        labels = np.ascontiguousarray(micro["labels"][:, :target], dtype=np.int64)
+        shifted = np.concatenate([np.full((len(labels), 1), self.decoder_start_id), labels[:, :-1]], axis=1)
+        shifted[shifted == -100] = self.pad_id
+        tensor = lambda a: torch.tensor(np.ascontiguousarray(a, dtype=np.int64), device=device)  # noqa: E731
+        return {"input_ids": tensor(micro["input_ids"][:, :width]),
+                "attention_mask": tensor(micro["attention_mask"][:, :width]),
+                "decoder_input_ids": tensor(shifted), "labels": tensor(labels)}
+
+    def _logits(self, engine, batch: dict[str, Any]):
+        return engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    def loss(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        return _token_cross_entropy(self._logits(engine, batch), batch["labels"], "mean"), {}
+
+    def nll(self, engine, batch: dict[str, Any]) -> tuple[float, int]:
+        nll = _token_cross_entropy(self._logits(engine, batch), batch["labels"], "sum")
+        return nll.item(), int((batch["labels"] != -100).sum())
+
+
 def objective(cfg: Config, job: str) -> str:
     """The model_task a run trains: the fine-tuning task, the pretraining objective of the family
     (models.OBJECTIVES: masked_lm for bert), or causal_lm (distillation)."""
@@ -194,9 +230,9 @@ def objective(cfg: Config, job: str) -> str:
 
 def task_for(cfg: Config, job: str, teacher: Optional[Any] = None, tokenizer=None, info: Optional[dict] = None):
     """The task of a run: distillation against `teacher`, masked LM (pretraining a bert), sequence
-    classification (finetune.task; `info` from the driver: label names and class weights), else
-    next-token prediction. Under data.packing=reset the tokenizer's EOS splits packed blocks into
-    documents (causal objectives only)."""
+    classification (finetune.task; `info` from the driver: label names and class weights), seq2seq
+    (`info`: the decoder start and pad ids), else next-token prediction. Under data.packing=reset
+    the tokenizer's EOS splits packed blocks into documents (causal objectives only)."""
     reset_at = tokenizer.eos_token_id if cfg.data.packing == "reset" and tokenizer is not None else None
     if job == "distill":
         return Distill(teacher=teacher, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
@@ -215,4 +251,8 @@ def task_for(cfg: Config, job: str, teacher: Optional[Any] = None, tokenizer=Non
     if kind == "classification":
         info = info or {}
         return SequenceClassification(multi_label=cfg.finetune.multi_label, class_weights=info.get("class_weights"))
+    if kind == "seq2seq":
+        info = info or {}
+        pad = info.get("pad_token_id", tokenizer.pad_token_id if tokenizer is not None else 0)
+        return Seq2SeqLM(decoder_start_id=info.get("decoder_start_token_id", pad), pad_id=pad)
     return CausalLM(reset_at=reset_at)
