@@ -343,6 +343,9 @@ class EvalConfig:
     classification_paths: list[str] = field(default_factory=list)
     """Labelled {text, label} records (JSONL, parquet, CSV) for classifiers; empty = the held-out split they trained
     beside."""
+    pair_paths: list[str] = field(default_factory=list)
+    """Source -> target records ({source, target}, {translation}, {text, summary}) for seq2seq models (BLEU, chrF,
+    ROUGE); empty = the held-out pairs of the first one's training run."""
     max_new_tokens: int = 64
     """Tokens generated per task prompt."""
     batch_size: int = 8

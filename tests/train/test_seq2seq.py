@@ -6,9 +6,11 @@ single-process PyTorch loop in this test: the same initial weights (build_model 
 the same global batches (ArrayReader's seeded order: step k takes rows [k·16, (k+1)·16) of the
 epoch's permutation, 8 per rank), the per-rank mean target-token loss averaged over ranks (as
 DeepSpeed averages gradients), clip_grad_norm_, AdamW and the warmup + cosine schedule.
+The loop logs every 4th step the mean loss of the 4 steps since the last line; the reference's
+losses are averaged the same way.
 Tolerances: ZeRO-3 changes only the order of floating-point sums (partitioned reductions), which
-Adam's normalised updates carry forward step by step: losses agree to 2e-3 (absolute) and weights to
-2e-3 after 40 steps of lr 5e-3 (one update moves a weight by up to ~lr).
+Adam's normalised updates carry forward step by step. Measured on 2026-12-02: losses within 7e-6,
+weights within 1.8e-5 after 40 steps; asserted: 1e-4 and 2e-4 (about ten times that).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import pytest
 import torch
 
 from llmos_ray.config import load_config
-from tests.conftest import SEQ2SEQ_PREFIX, SEQ2SEQ_STEPS
+from tests.conftest import SEQ2SEQ_LOG_EVERY, SEQ2SEQ_PREFIX, SEQ2SEQ_STEPS
 
 pytestmark = pytest.mark.slow
 
-LOSS_ATOL = 2e-3
-WEIGHT_ATOL = 2e-3
+LOSS_ATOL = 1e-4
+WEIGHT_ATOL = 2e-4
 
 
 def run_config(result):
@@ -73,8 +75,10 @@ def test_translator_learns_and_zero3_matches_single_process_pytorch(seq2seq_run,
     result = seq2seq_run
     got = {h["step"]: h["loss"] for h in result.history if "loss" in h}
     want, _ = reference
-    assert sorted(got) == list(range(1, SEQ2SEQ_STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], want, atol=LOSS_ATOL)
+    logged = list(range(SEQ2SEQ_LOG_EVERY, SEQ2SEQ_STEPS + 1, SEQ2SEQ_LOG_EVERY))
+    assert sorted(got) == logged
+    np.testing.assert_allclose([got[s] for s in logged], [np.mean(want[s - SEQ2SEQ_LOG_EVERY:s]) for s in logged],
+                               atol=LOSS_ATOL)
     assert np.mean(want[-5:]) < 0.85 * np.mean(want[:5])  # it learns: the comparison is not of flat lines
     vals = [h["val_loss"] for h in result.history if "val_loss" in h]
     assert len(vals) == 2 and vals[1] < vals[0] and result.history[-1]["val_ppl"] > 1
