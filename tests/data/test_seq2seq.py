@@ -141,3 +141,35 @@ def test_seq2seq_task_loss_is_transformers_own_and_cuts_batches_to_their_longest
     assert counted == int((pairs.array["labels"] != IGNORE).sum())
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
     assert nll / counted == pytest.approx(theirs.item(), rel=1e-6)
+
+
+def test_span_corruption_task_batches_undo_to_the_block_and_repeat_for_the_same_block(tiny_tokenizer_dir):
+    from llmos_ray.data.masking import add_sentinel_tokens
+    from llmos_ray.data.tokenizer import load_tokenizer
+    from llmos_ray.train.tasks import SpanCorruption
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    sentinels = add_sentinel_tokens(tok, 100)
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(3, 400, size=(4, 65))
+    task = SpanCorruption(decoder_start_id=tok.pad_token_id, pad_id=tok.pad_token_id, sentinel_ids=tuple(sentinels),
+                          eos_id=tok.eos_token_id, seed=7)
+    batch = task.batch(blocks, "cpu")
+    again = task.batch(blocks.copy(), "cpu")  # a resumed run, or the next evaluation: the same spans
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)
+    other = SpanCorruption(**{**task.__dict__, "seed": 8}).batch(blocks, "cpu")
+    assert not np.array_equal(batch["input_ids"], other["input_ids"])  # run.seed decides the spans
+    for row, block in enumerate(blocks):
+        inputs, targets = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        assert inputs[-1] == targets[-1] == tok.eos_token_id
+        spans, current = {}, None  # sentinel -> the tokens after it in the targets
+        for t in targets[:-1]:
+            if t in sentinels:
+                current = t
+                spans[t] = []
+            else:
+                spans[current].append(t)
+        assert list(spans) == sentinels[:len(spans)]  # in order, from <extra_id_0>
+        rebuilt = [x for t in inputs[:-1] for x in (spans[t] if t in spans else [t])]
+        assert rebuilt == block[:-1].tolist()  # the block's first T tokens, exactly
+        assert batch["decoder_input_ids"][row].tolist() == [tok.pad_token_id] + targets[:-1]
