@@ -167,7 +167,8 @@ def mix_components(mix: list, key: str = "data.mix") -> list["MixComponent"]:
 @dataclass
 class ModelConfig:
     family: Optional[Literal["gpt2", "llama", "bert", "t5"]] = None
-    """Architecture family of a preset; None = the job's: bert for finetune.task=classification, else gpt2."""
+    """Architecture family of a preset; None = the job's: bert for finetune.task=classification, t5 for
+    finetune.task=seq2seq, else gpt2."""
     size: Literal["tiny", "small", "medium", "base", "125m", "350m", "1b", "7b"] = "small"
     """Preset size (see llmos_ray.models.PRESETS)."""
     base: Optional[str] = None
@@ -270,8 +271,9 @@ class DeepSpeedConfig:
 
 @dataclass
 class FinetuneConfig:
-    task: Literal["causal_lm", "classification"] = "causal_lm"
-    """What fine-tuning trains: 'causal_lm' (instructions, chat) or 'classification' ({text, label} records)."""
+    task: Literal["causal_lm", "classification", "seq2seq"] = "causal_lm"
+    """What fine-tuning trains: 'causal_lm' (instructions, chat), 'classification' ({text, label} records)
+    or 'seq2seq' (an encoder-decoder on {source, target}, {translation: {..}} or {text, summary} records)."""
     paths: list[str] = field(default_factory=list)
     """Training records (JSONL, parquet or CSV; fsspec URIs); empty = the task's embedded default set."""
     mix: list[dict[str, Any]] = field(default_factory=list)
@@ -286,6 +288,18 @@ class FinetuneConfig:
     """Classification with no paths: the labels of the embedded language-ID set (gettext catalog languages)."""
     examples_per_label: int = 2000
     """Classification with no paths: training records per language of the embedded set (held out: 1/9 more)."""
+    source_lang: str = "en"
+    """Seq2seq: the source language of {"translation": {lang: text}} records (the embedded pairs: always en)."""
+    target_lang: str = "fr"
+    """Seq2seq: the target language of {"translation": ...} records and of the embedded gettext pairs."""
+    task_prefix: Optional[str] = None
+    """Seq2seq: text put before every source, e.g. "translate English to French: " (None: no prefix)."""
+    max_source_len: Optional[int] = None
+    """Seq2seq: source tokens (EOS included) kept; longer sources are truncated and counted. None = data.seq_len."""
+    max_target_len: Optional[int] = None
+    """Seq2seq: target tokens (EOS included) kept; longer targets are truncated and counted. None = data.seq_len."""
+    max_pairs: Optional[int] = 20000
+    """Seq2seq with no paths: training pairs taken from the embedded set (held out: 1/9 more); None = all."""
     locale_root: str = "/usr/share/locale"
     """Where the embedded sets read gettext catalogs; a directory with none gives the shipped samples."""
     lora: bool = False
@@ -303,6 +317,12 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         _positive("finetune", self, "examples_per_label")
+        for name in ("max_source_len", "max_target_len", "max_pairs"):
+            if getattr(self, name) is not None and getattr(self, name) < (2 if name != "max_pairs" else 1):
+                raise ConfigError(f"finetune.{name} must be null or >= {2 if name != 'max_pairs' else 1}, "
+                                  f"got {getattr(self, name)}")
+        if self.source_lang == self.target_lang:
+            raise ConfigError(f"finetune.source_lang and finetune.target_lang are both {self.source_lang!r}")
         if self.multi_label and self.task != "classification":
             raise ConfigError("finetune.multi_label needs finetune.task=classification")
         if self.mix:
@@ -336,6 +356,9 @@ class EvalConfig:
     classification_paths: list[str] = field(default_factory=list)
     """Labelled {text, label} records (JSONL, parquet, CSV) for classifiers; empty = the held-out split they trained
     beside."""
+    pair_paths: list[str] = field(default_factory=list)
+    """Source -> target records ({source, target}, {translation}, {text, summary}) for seq2seq models (BLEU, chrF,
+    ROUGE); empty = the held-out pairs of the first one's training run."""
     max_new_tokens: int = 64
     """Tokens generated per task prompt."""
     batch_size: int = 8
@@ -554,7 +577,8 @@ class Config:
         storage_path, local model paths made absolute — and checked."""
         cfg = copy.deepcopy(self)
         if cfg.model.family is None:
-            cfg.model.family = "bert" if job == "finetune" and cfg.finetune.task == "classification" else "gpt2"
+            task = cfg.finetune.task if job == "finetune" else None
+            cfg.model.family = {"classification": "bert", "seq2seq": "t5"}.get(task, "gpt2")
         if cfg.run.name is None:
             # a fine-tuning task other than causal_lm runs in its own directory (runs/classification)
             task = cfg.finetune.task if job == "finetune" and cfg.finetune.task != "causal_lm" else None

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from llmos_ray.config import Config
-from llmos_ray.eval.metrics import bleu, rouge, summarize_nll
+from llmos_ray.eval.metrics import bleu, chrf, rouge, summarize_nll
 from llmos_ray.storage import write_text
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def summarize_model(model: dict, rows: list[dict], examples: list[dict], has_doc
         b = bleu(hyps, refs)
         seconds = sum(float(answers[i]["seconds"]) for i in ids)
         result["tasks"][task] = {
-            "bleu": b["bleu"], **rouge(hyps, refs), "examples": len(ids),
+            "bleu": b["bleu"], "chrf": chrf(hyps, refs)["chrf"], **rouge(hyps, refs), "examples": len(ids),
             "bleu_details": {k: b[k] for k in ("precisions", "brevity_penalty", "sys_len", "ref_len", "signature")},
             "truncated_prompts": sum(bool(answers[i]["truncated"]) for i in ids),
             "empty_outputs": sum(1 for h in hyps if not h),
@@ -98,8 +98,8 @@ def flat_results(result: dict) -> dict[str, float]:
         for key in ("perplexity", "bits_per_byte", "tokens"):
             flat[key if key != "tokens" else "perplexity_tokens"] = result["perplexity"][key]
     for task, scores in result.get("tasks", {}).items():
-        for key in ("bleu", "rouge1", "rouge2", "rougeL"):
-            flat[f"{task}/{key}"] = scores[key]
+        for key in ("bleu", "chrf", "rouge1", "rouge2", "rougeL"):
+            flat[f"{task}/{key}"] = scores.get(key)
     for task, scores in (result.get("classification") or {}).items():
         for key in ("accuracy", "macro_f1", "majority_baseline"):
             flat[f"{task}/{key}"] = scores[key]
@@ -140,6 +140,7 @@ def legend(report: dict) -> dict[str, str]:
     for task, info in ((report.get("inputs") or {}).get("tasks") or {}).items():
         on = f"greedy answers to {info.get('examples')} prompts of {info.get('path')} against their references"
         out[f"{task}/bleu"] = f"sacreBLEU corpus BLEU, 0-100, of {on}; higher is better"
+        out[f"{task}/chrf"] = "sacreBLEU corpus chrF (character 6-grams), 0-100, of the same answers; higher is better"
         for key, name in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")):
             out[f"{task}/{key}"] = f"mean {name} F1, 0-1 (stemmed), of the same answers; higher is better"
     info = (report.get("inputs") or {}).get("classification")
@@ -180,7 +181,7 @@ def format_table(report: dict) -> str:
     formats = dict(_TABLE_ROWS)
     rows = [["metric", *labels]]
     for key in keys:
-        fmt = formats.get(key, "{:.2f}" if key.endswith("/bleu") else "{:.4f}")
+        fmt = formats.get(key, "{:.2f}" if key.endswith(("/bleu", "/chrf")) else "{:.4f}")
         rows.append([key, *(fmt.format(flats[m][key]) if flats[m].get(key) is not None else "-" for m in labels)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

@@ -1,5 +1,5 @@
 """`evaluate(cfg)`: each model of eval.model on held-out text (perplexity) and on generation tasks
-(BLEU, ROUGE), as Ray Data batch inference; one report.json for all of them.
+(BLEU, chrF, ROUGE), as Ray Data batch inference; one report.json for all of them.
 
     report = evaluate(load_config("jobs/configs/evaluate_tiny.yaml"))
     print(format_table(report))            # models side by side
@@ -13,10 +13,12 @@
    pool of eval.num_workers actors (each loads the model once, on a GPU when the cluster has
    them) → a row per document (NLL sum, tokens scored) and per prompt (greedy answer), reduced
    on the driver: perplexity is token-weighted over all documents, BLEU is corpus-level.
-4. Classifiers (exports of finetune.task=classification) are scored instead on labelled records
+4. Seq2seq models (exports of finetune.task=seq2seq) translate or summarize eval.pair_paths, else
+   the held-out pairs of the first one's training data (seq2seq.py): BLEU, chrF, ROUGE.
+5. Classifiers (exports of finetune.task=classification) are scored instead on labelled records
    (classification.py: eval.classification_paths, else the held-out split of the first one's
    training data): accuracy, macro-F1, per-label precision and recall, confusion matrix.
-5. `<run.output_dir>/report.json` holds every figure, the models' sources and URIs, the resolved
+6. `<run.output_dir>/report.json` holds every figure, the models' sources and URIs, the resolved
    config, timings and the counts of bad or skipped records; `generations/<model>.jsonl` holds
    every prompt, reference and answer (report.py). Models named from the registry get their
    figures in their entry's `eval` dict (eval.attach_results).
@@ -61,15 +63,21 @@ def evaluate(cfg: Config) -> dict:
 
 def _evaluate(cfg: Config, models: list[dict], started: float) -> dict:
     from llmos_ray.eval.classification import classification_inputs, score_classifier
+    from llmos_ray.eval.inputs import prompts_dataset
+    from llmos_ray.eval.seq2seq import model_examples, seq2seq_inputs
     from llmos_ray.runtime import init_ray
 
     ev = cfg.eval
     init_ray()
-    generative = [m for m in models if m["task"] != "classification"]
+    generative = [m for m in models if m["task"] == "causal_lm"]
     classifiers = [m for m in models if m["task"] == "classification"]
+    translators = [m for m in models if m["task"] == "seq2seq"]
     documents, examples, inputs_info = read_inputs(cfg) if generative else (None, [], {})
     if classifiers:
         labelled, inputs_info["classification"] = classification_inputs(cfg, classifiers)
+    if translators:
+        pairs, pairs_info = seq2seq_inputs(cfg, translators)
+        inputs_info.setdefault("tasks", {}).update(pairs_info)
     inputs = model_inputs(documents, examples) if generative else None
     resources, threads = worker_resources(cfg)
     report = new_report(cfg, inputs_info, resources, threads)
@@ -80,6 +88,11 @@ def _evaluate(cfg: Config, models: list[dict], started: float) -> dict:
             result = {k: model[k] for k in ("source", "uri", "base_uri", "registry_name", "task")}
             result["classification"] = {inputs_info["classification"]["name"]:
                                         score_classifier(labelled, model, cfg, resources, threads)}
+        elif model["task"] == "seq2seq":  # answers the pairs; perplexity is a causal LM's figure
+            own = model_examples(pairs, next(iter(pairs_info)), model)
+            rows = run_model(prompts_dataset(own), model, cfg, resources, threads)
+            result = summarize_model(model, rows, own, False)
+            result["generations"] = write_generations(report, model["label"], rows, own)
         else:
             rows = run_model(inputs, model, cfg, resources, threads)
             result = summarize_model(model, rows, examples, documents is not None)
@@ -97,9 +110,10 @@ def _evaluate(cfg: Config, models: list[dict], started: float) -> dict:
 
 
 DEFAULT_MODELS = (os.path.join("runs", "finetune", "export"), os.path.join("runs", "default", "export"),
-                  os.path.join("runs", "classification", "export"))
-"""What `llmos evaluate` with no models compares: the default fine-tune against its base, and the
-default classifier (`llmos finetune finetune.task=classification`), each on what it is for."""
+                  os.path.join("runs", "classification", "export"), os.path.join("runs", "seq2seq", "export"))
+"""What `llmos evaluate` with no models compares: the default fine-tune against its base, the
+default classifier (`llmos finetune finetune.task=classification`) and the default translator
+(`llmos finetune finetune.task=seq2seq`), each on what it is for."""
 
 
 def with_defaults(cfg: Config) -> Config:
@@ -115,7 +129,7 @@ def with_defaults(cfg: Config) -> Config:
     if not found:
         return cfg  # _check explains what to pass
     cfg.eval.model = found
-    generative = [m for m in found if model_task_of(m) != "classification"]
+    generative = [m for m in found if model_task_of(m) == "causal_lm"]
     if generative and not cfg.eval.task_paths:
         cfg.eval.task_paths = [default_task_file(generative[0], cfg.run.output_dir)]
     log.info("evaluating the default models %s", found)
@@ -128,7 +142,7 @@ def _check(cfg: Config) -> None:
     if not cfg.eval.model:
         raise ConfigError("eval.model is empty: name at least one model directory or registry name "
                           "(llmos evaluate --model DIR_OR_NAME, or eval.model=[a,b])")
-    for key in ("perplexity_paths", "task_paths", "classification_paths"):
+    for key in ("perplexity_paths", "task_paths", "classification_paths", "pair_paths"):
         paths = getattr(cfg.eval, key)
         if paths:
             expand_sources(list(paths), "auto", cfg.data.storage_options)  # DataError naming a missing path
@@ -150,9 +164,10 @@ def resolve_models(cfg: Config) -> list[dict]:
             label = f"{base_label}-{n}"
         labels.add(label)
         task = (entry or {}).get("task") or model_task_of(uri)
-        if task not in ("causal_lm", "classification"):
+        if task not in ("causal_lm", "classification", "seq2seq"):
             raise ConfigError(f"model {source!r} is a {task} model: evaluation scores causal LMs (perplexity, "
-                              "generation tasks) and classifiers; fine-tune it first (finetune.task=classification)")
+                              "generation tasks), seq2seq models (BLEU, chrF, ROUGE) and classifiers; fine-tune "
+                              "it first (finetune.task=classification or seq2seq)")
         models.append({"label": label, "source": source, "uri": uri, "base_uri": base,
                        "registry_name": entry["name"] if entry else None,
                        "registry_ref": entry["ref"] if entry else None, "task": task})

@@ -28,6 +28,7 @@ from llmos_ray.serve.ingress import IngressDeployment
 from llmos_ray.serve.keys import resolve_keys
 from llmos_ray.serve.ledger import default_url
 from llmos_ray.serve.replica import model_deployment
+from llmos_ray.serve.seq2seq import seq2seq_deployment
 from llmos_ray.serve.spec import _split, resolve_models
 from llmos_ray.serve.vllm import vllm_deployment
 
@@ -80,6 +81,8 @@ def build_app(config: Union[Config, ServeConfig, dict, str, None] = None):
     for spec in specs:
         if spec.task == "classification":
             handles[spec.name] = classifier_deployment(spec)
+        elif spec.task == "seq2seq":
+            handles[spec.name] = seq2seq_deployment(spec)
         else:
             handles[spec.name] = vllm_deployment(spec) if spec.engine == "vllm" else model_deployment(spec)
     s = cfg.serve

@@ -42,6 +42,7 @@ from llmos_ray.serve.protocol import (
     usage,
     usage_chunk,
 )
+from llmos_ray.serve.seq2seq import chat_refusal
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import GenerationRequest, SamplingParams, bad_request
 from llmos_ray.serve.validation import SEED_RANGE, parse_body, read_json
@@ -246,6 +247,8 @@ class OpenAIRoutes:
         req = parse_body(body, endpoint.request_model)
         spec = self.models.get(req.model, ctx)
         require_generative(spec)
+        if spec.task == "seq2seq" and isinstance(endpoint, _Chat):
+            raise chat_refusal(spec.name)
         plan = endpoint.plan(req)
         self.models.check_fanout(spec, len(plan.inputs) * plan.n, "prompt" if len(plan.inputs) > 1 else "n")
         params = self.models.sampling_params(req, spec, plan.max_tokens)

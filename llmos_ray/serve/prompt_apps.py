@@ -8,7 +8,8 @@
 
 Every app also takes the sampling fields of /v1/chat/completions (max_tokens, temperature, top_p,
 seed, stop), over its own sampling defaults. The prompt is the app's chat messages rendered with
-the request's parameters, so the model's chat template applies. With no "model", the app's
+the request's parameters, so the model's chat template applies; a seq2seq model (an encoder-decoder)
+gets the app's `text` parameter as its source instead. With no "model", the app's
 default model is used when it is served (by that name, or a served version of that library
 model), else the one served model. The model's safety rules and the app's own both apply.
 Apps come from an `app_store.AppCatalog`, which picks up new and changed apps without a restart.
@@ -35,6 +36,7 @@ from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.keys import KeyRecord
 from llmos_ray.serve.middleware import RequestContext
 from llmos_ray.serve.protocol import SamplingFields, new_id, usage
+from llmos_ray.serve.seq2seq import app_source
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import APIError, GenerationRequest
 from llmos_ray.serve.validation import parse_body, shown, validate
@@ -140,7 +142,7 @@ def choose_model(spec: AppSpec, requested: Any, models: ServedModels) -> str:
 async def check_requirements(spec: AppSpec, model: ModelSpec, models: ServedModels) -> None:
     """400 when the model does not meet the app's `requires` (task, min_context)."""
     need = spec.requires
-    task = (model.registry_entry or {}).get("task") or "causal_lm"
+    task = (model.registry_entry or {}).get("task") or model.task
     if "task" in need and need["task"] != task:
         raise APIError(400, f"model: app {spec.name!r} needs a {need['task']} model; {model.name!r} is {task}",
                        param="model", code="model_not_suitable")
@@ -158,9 +160,13 @@ async def run(models: ServedModels, apps: AppCatalog, app: str, body: bytes, ctx
     spec = await find(apps, app, ctx.key)
     ctx.app, ctx.route = spec.name, f"apps/{spec.name}"  # whichever ingress replica saw the app first
     req = parse_body(body, request_model(spec))
-    messages = spec.render(parameter_values(spec, req))
+    values = parameter_values(spec, req)
+    messages = spec.render(values)
     model = models.get(choose_model(spec, req.model, models), ctx)
     require_generative(model)
+    source = app_source(spec.name, values) if model.task == "seq2seq" else None
+    if source is not None:  # an encoder-decoder takes the text itself, not chat messages (serve/seq2seq.py)
+        messages = [{"role": "user", "content": source}]
     await check_requirements(spec, model, models)
     given = {k for k in req.model_fields_set if k in SamplingFields.model_fields}
     defaults = validate(spec.sampling, SamplingFields, prefix="sampling")
@@ -170,7 +176,9 @@ async def run(models: ServedModels, apps: AppCatalog, app: str, body: bytes, ctx
     if spec.blocks_input(messages) or models.input_blocked(model, [m["content"] for m in messages]):
         text, finish, use = "", "content_filter", usage(0, 0)
     else:
-        result = await models.generate(model, GenerationRequest(params=params, messages=messages))
+        gen = GenerationRequest(params=params, prompt=source) if source is not None else \
+            GenerationRequest(params=params, messages=messages)
+        result = await models.generate(model, gen)
         (text, finish), = models.finish(model, [result])
         text, finish = spec.screen_output(text, finish)
         use = usage(result.prompt_tokens, result.completion_tokens)

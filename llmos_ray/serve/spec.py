@@ -19,7 +19,7 @@ from llmos_ray.registry import default_name, model_task_of, resolve_source
 from llmos_ray.schema import coerce
 
 SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-SERVABLE_TASKS = ("causal_lm", "classification")
+SERVABLE_TASKS = ("causal_lm", "classification", "seq2seq")
 
 
 @dataclass(kw_only=True)
@@ -36,7 +36,8 @@ class ModelSpec(ServedModelOptions):
     registry_entry: Optional[dict] = None
     """The registry entry it was resolved from, if any."""
     task: str = "causal_lm"
-    """What the model does (registry.model_task_of): 'causal_lm' (generation) or 'classification'."""
+    """What the model does (registry.model_task_of): 'causal_lm' (generation), 'seq2seq' (an encoder-decoder:
+    source text -> target text) or 'classification'."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,7 +69,8 @@ def resolve_models(config: Config) -> list[ModelSpec]:
         task = (entry or {}).get("task") or model_task_of(uri)
         if task not in SERVABLE_TASKS:
             raise ConfigError(f"model {name!r} ({uri}) is a {task} model, which is not served: llmos serve takes "
-                              f"causal LMs (text generation) and classifiers (finetune.task=classification)")
+                              f"causal LMs (text generation), seq2seq models (finetune.task=seq2seq) and classifiers "
+                              "(finetune.task=classification)")
         spec = ModelSpec(name=name, uri=uri, base_uri=base, registry_entry=entry, task=task,
                          **{k: getattr(serve, k) for k in PER_MODEL_KEYS})
         for key, value in (serve.model_options.get(name) or {}).items():

@@ -406,12 +406,15 @@ def export(checkpoint: Union[str, Any], out_dir: str, merge_lora: Optional[bool]
         for key, value in ids.items():
             setattr(base_config, key, value)
         end = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else None
-        if state.get("job") == "finetune" and end is not None:
+        task = model_task(config)
+        if state.get("job") == "finetune" and end is not None and task == "causal_lm":
             ids["eos_token_id"] = [tokenizer.eos_token_id, end]  # a chat turn ends at <|end|>
-        if model_task(config) == "causal_lm":
+        if task == "seq2seq":  # generation starts the decoder from its start token (T5: pad)
+            ids["decoder_start_token_id"] = config.decoder_start_token_id
+        if task in ("causal_lm", "seq2seq"):
             model.generation_config = GenerationConfig(**ids)
         model.save_pretrained(tmp, safe_serialization=True)
-        if not isinstance(model, PreTrainedModel) and model_task(config) == "causal_lm":
+        if not isinstance(model, PreTrainedModel) and task in ("causal_lm", "seq2seq"):
             # a LoRA adapter alone: keep its base's generation config
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -20,7 +20,8 @@ DEFAULT_BASE = os.path.join("runs", "default", "export")
 
 def finetune(cfg: Config) -> TrainResult:
     """Supervised fine-tuning of `model.base` on `finetune.paths` (or the embedded instruction set);
-    with finetune.task=classification, a sequence classifier (train/classification.py)."""
+    with finetune.task=classification, a sequence classifier (train/classification.py); with
+    finetune.task=seq2seq, an encoder-decoder (train/seq2seq.py)."""
     from llmos_ray.runtime import init_ray, run_log
 
     cfg = cfg.resolved("finetune")
@@ -28,6 +29,10 @@ def finetune(cfg: Config) -> TrainResult:
         from llmos_ray.train.classification import finetune_classifier
 
         return finetune_classifier(cfg)
+    if cfg.finetune.task == "seq2seq":
+        from llmos_ray.train.seq2seq import finetune_seq2seq
+
+        return finetune_seq2seq(cfg)
     cfg, resume_from, finished = resolve_resume(_with_base(cfg), "finetune")
     if finished is not None:
         return finished

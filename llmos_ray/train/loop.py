@@ -441,7 +441,7 @@ def log_metrics(training: Training, state: WorkerState, worker: Worker, window: 
         grad_norm=float(grad_norm) if grad_norm is not None else None, step_time_s=elapsed / max(1, window.steps))
     if training.task.name == "distill":
         metrics["kl"] = mean_over_ranks(dist, window.kl / max(1, window.micro_batches), device)
-    if training.task.name == "classification":
+    if training.task.name in ("classification", "seq2seq"):
         # micro-batches are cut to their longest example: seq_len positions each would overstate tokens/s and MFU
         examples = throughput.tokens_per_step // worker.cfg.data.seq_len * window.steps
         metrics.update(tokens_per_s=None, mfu=None, examples_per_s=examples / max(elapsed, 1e-9))

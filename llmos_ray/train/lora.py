@@ -6,8 +6,9 @@ from __future__ import annotations
 from llmos_ray.config import Config
 from llmos_ray.errors import ConfigError
 
-LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "bert": ["query", "value"]}
-PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
+LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "bert": ["query", "value"],
+                "t5": ["q", "v"]}
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 """peft's task type per model task; SEQ_CLS also trains (and saves) the classification head whole."""
 
 

@@ -36,9 +36,9 @@ def build_model(cfg: Config, tokenizer, ds_config: Optional[dict] = None, job: s
     from transformers import AutoConfig
 
     from llmos_ray.models import auto_class, preset_config
-    from llmos_ray.train.tasks import objective
+    from llmos_ray.train.tasks import MODEL_TASKS, objective
 
-    task = objective(cfg, job)
+    task = MODEL_TASKS.get(objective(cfg, job), objective(cfg, job))
     model_class = auto_class(task)
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
     if cfg.model.base:

@@ -39,7 +39,8 @@ IDENTITY_KEYS = (
     "model.overrides", "finetune.paths", "finetune.format", "finetune.lora", "finetune.lora_r",
     "finetune.lora_alpha", "finetune.lora_target_modules", "distill.teacher", "finetune.task",
     "finetune.multi_label", "finetune.class_weights", "finetune.languages", "finetune.examples_per_label",
-    "data.mask_probability", "data.whole_word_masking",
+    "data.mask_probability", "data.whole_word_masking", "finetune.source_lang", "finetune.target_lang",
+    "finetune.task_prefix", "finetune.max_source_len", "finetune.max_target_len", "finetune.max_pairs",
 )
 """What a run is: resuming with any of these changed would train another model under the old name."""
 

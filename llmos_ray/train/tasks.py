@@ -18,9 +18,8 @@ serves (models.TASK_CLASSES):
     Distill                 a student against a frozen teacher's logits
     MaskedLM                BERT's masked LM (pretraining a bert family model)
     SequenceClassification  labels of texts (finetune.task=classification)
-
-Issue 18's seq2seq plugs in the same way: `finetune.task=seq2seq` and t5 pretraining choose a Task
-here whose model_task is "seq2seq".
+    Seq2SeqLM               an encoder-decoder's target given its source (finetune.task=seq2seq)
+    SpanCorruption          T5's span corruption on packed blocks (pretraining a t5 family model)
 """
 
 from __future__ import annotations
@@ -170,9 +169,87 @@ class SequenceClassification:
         return nll.item(), int(batch["labels"].shape[0])
 
 
+@dataclass
+class Seq2SeqLM:
+    """An encoder-decoder learning each target token given the source and the target before it
+    (teacher forcing), from a structured array of pairs (data/seq2seq.Pairs). The decoder's inputs
+    are the labels shifted right behind the decoder start token (padding where a label is
+    ignored), as T5's `_shift_right`. Each micro-batch is cut to its longest source and longest
+    target. The loss is the mean cross-entropy per target token; the validation NLL sums it, so
+    val_loss is per held-out target token (and val_ppl its exponential)."""
+
+    decoder_start_id: int
+    pad_id: int
+    name = "seq2seq"
+    model_task = "seq2seq"
+
+    def batch(self, micro: np.ndarray, device) -> dict[str, Any]:
+        import torch
+
+        width = max(1, int(micro["attention_mask"].sum(axis=1).max()))
+        target = max(1, int((micro["labels"] != -100).sum(axis=1).max()))
+        labels = np.ascontiguousarray(micro["labels"][:, :target], dtype=np.int64)
+        shifted = np.concatenate([np.full((len(labels), 1), self.decoder_start_id), labels[:, :-1]], axis=1)
+        shifted[shifted == -100] = self.pad_id
+        tensor = lambda a: torch.tensor(np.ascontiguousarray(a, dtype=np.int64), device=device)  # noqa: E731
+        return {"input_ids": tensor(micro["input_ids"][:, :width]),
+                "attention_mask": tensor(micro["attention_mask"][:, :width]),
+                "decoder_input_ids": tensor(shifted), "labels": tensor(labels)}
+
+    def _logits(self, engine, batch: dict[str, Any]):
+        return engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    def loss(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        return _token_cross_entropy(self._logits(engine, batch), batch["labels"], "mean"), {}
+
+    def nll(self, engine, batch: dict[str, Any]) -> tuple[float, int]:
+        nll = _token_cross_entropy(self._logits(engine, batch), batch["labels"], "sum")
+        return nll.item(), int((batch["labels"] != -100).sum())
+
+
+@dataclass
+class SpanCorruption(Seq2SeqLM):
+    """T5's pretraining objective on packed blocks [B, T+1]: the first T tokens of each block are
+    span-corrupted (data/masking.span_corrupt: noise density 0.15, mean span 3; each dropped span
+    a sentinel in the inputs, the targets the sentinels each followed by its span, both ending
+    with EOS), and the decoder learns the targets (Seq2SeqLM's loss). Every block of one length
+    corrupts to the same two lengths, so a micro-batch needs no padding.
+
+    As MaskedLM, the spans of a micro-batch are drawn from a generator seeded by run.seed and the
+    micro-batch's own tokens: a resumed run corrupts exactly as the uninterrupted one, and the
+    validation blocks are corrupted the same way at every evaluation."""
+
+    sentinel_ids: tuple = ()
+    eos_id: int = 0
+    seed: int = 0
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    name = "span_corruption"
+
+    def batch(self, micro: np.ndarray, device) -> dict[str, Any]:
+        import zlib
+
+        import torch
+
+        from llmos_ray.data.masking import span_corrupt_batch
+
+        ids = np.ascontiguousarray(micro[:, :-1], dtype=np.int64)
+        rng = np.random.default_rng([self.seed, zlib.crc32(ids.tobytes())])
+        inputs, targets = span_corrupt_batch(ids, sentinel_ids=self.sentinel_ids, eos_id=self.eos_id, rng=rng,
+                                             noise_density=self.noise_density, mean_span_length=self.mean_span_length)
+        shifted = np.concatenate([np.full((len(targets), 1), self.decoder_start_id), targets[:, :-1]], axis=1)
+        tensor = lambda a: torch.tensor(a, dtype=torch.long, device=device)  # noqa: E731
+        return {"input_ids": tensor(inputs), "decoder_input_ids": tensor(shifted), "labels": tensor(targets)}
+
+
+MODEL_TASKS = {"span_corruption": "seq2seq"}
+"""The model_task (models.TASK_CLASSES) of an objective that is not one itself."""
+
+
 def objective(cfg: Config, job: str) -> str:
-    """The model_task a run trains: the fine-tuning task, the pretraining objective of the family
-    (models.OBJECTIVES: masked_lm for bert), or causal_lm (distillation)."""
+    """What a run trains: the fine-tuning task, the pretraining objective of the family
+    (models.OBJECTIVES: masked_lm for bert, span_corruption for t5), or causal_lm (distillation).
+    Its model_task is MODEL_TASKS.get(objective, objective)."""
     from llmos_ray.models import OBJECTIVES
 
     if job == "finetune":
@@ -184,19 +261,15 @@ def objective(cfg: Config, job: str) -> str:
 
             family = AutoConfig.from_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code
                                                 ).model_type
-        kind = OBJECTIVES.get(family, "causal_lm")
-        if kind == "span_corruption":
-            raise ConfigError("pretraining the t5 family (span corruption) is not built yet; choose model.family "
-                              "gpt2, llama or bert")
-        return kind
+        return OBJECTIVES.get(family, "causal_lm")
     return "causal_lm"
 
 
 def task_for(cfg: Config, job: str, teacher: Optional[Any] = None, tokenizer=None, info: Optional[dict] = None):
     """The task of a run: distillation against `teacher`, masked LM (pretraining a bert), sequence
-    classification (finetune.task; `info` from the driver: label names and class weights), else
-    next-token prediction. Under data.packing=reset the tokenizer's EOS splits packed blocks into
-    documents (causal objectives only)."""
+    classification (finetune.task; `info` from the driver: label names and class weights), seq2seq
+    (`info`: the decoder start and pad ids), else next-token prediction. Under data.packing=reset
+    the tokenizer's EOS splits packed blocks into documents (causal objectives only)."""
     reset_at = tokenizer.eos_token_id if cfg.data.packing == "reset" and tokenizer is not None else None
     if job == "distill":
         return Distill(teacher=teacher, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
@@ -212,7 +285,21 @@ def task_for(cfg: Config, job: str, teacher: Optional[Any] = None, tokenizer=Non
                         special_ids=tuple(tokenizer.all_special_ids), seed=cfg.run.seed,
                         probability=cfg.data.mask_probability,
                         continuation=continuation_table(tokenizer) if cfg.data.whole_word_masking else None)
+    if kind == "span_corruption":
+        from llmos_ray.data.masking import sentinel_ids
+
+        sentinels = tuple(sentinel_ids(tokenizer))
+        if not sentinels:
+            raise ConfigError("span corruption needs the tokenizer's sentinel tokens <extra_id_0>, ... "
+                              "(data.masking.add_sentinel_tokens)")
+        pad = tokenizer.pad_token_id
+        return SpanCorruption(decoder_start_id=(info or {}).get("decoder_start_token_id", pad), pad_id=pad,
+                              sentinel_ids=sentinels, eos_id=tokenizer.eos_token_id, seed=cfg.run.seed)
     if kind == "classification":
         info = info or {}
         return SequenceClassification(multi_label=cfg.finetune.multi_label, class_weights=info.get("class_weights"))
+    if kind == "seq2seq":
+        info = info or {}
+        pad = info.get("pad_token_id", tokenizer.pad_token_id if tokenizer is not None else 0)
+        return Seq2SeqLM(decoder_start_id=info.get("decoder_start_token_id", pad), pad_id=pad)
     return CausalLM(reset_at=reset_at)

@@ -26,5 +26,6 @@ def test_the_table_has_a_legend_naming_the_text_and_the_scale():
     assert "usually worse than its base" in meaning  # why fine-tuning moves perplexity up
     assert "qa/bleu: sacreBLEU corpus BLEU, 0-100, of greedy answers to 7 prompts of /data/qa.jsonl" in meaning
     assert "qa/rougeL: mean ROUGE-L F1, 0-1" in meaning
-    assert set(legend(REPORT)) == {"perplexity", "bits_per_byte", "perplexity_tokens", "qa/bleu", "qa/rouge1",
-                                   "qa/rouge2", "qa/rougeL"}
+    assert legend(REPORT)["qa/chrf"].startswith("sacreBLEU corpus chrF (character 6-grams), 0-100")
+    assert set(legend(REPORT)) == {"perplexity", "bits_per_byte", "perplexity_tokens", "qa/bleu", "qa/chrf",
+                                   "qa/rouge1", "qa/rouge2", "qa/rougeL"}

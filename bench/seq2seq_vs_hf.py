@@ -1,0 +1,170 @@
+"""Benchmark: target tokens/s of `llmos finetune finetune.task=seq2seq` against Hugging Face's
+`Seq2SeqTrainer` fine-tuning the same model on the same pairs.
+
+    ours      finetune(): the user path of `llmos finetune finetune.task=seq2seq`, Ray Train,
+              2 workers x 1 torch thread, DeepSpeed ZeRO-2, fp32 on CPU, a fresh t5 preset trained
+              from scratch on the embedded en->fr gettext pairs. Steady state: the loop's own
+              per-window step times (result.history), the first --skip-windows windows dropped.
+    baseline  transformers.Seq2SeqTrainer (AutoModelForSeq2SeqLM + DataCollatorForSeq2Seq), one
+              process x 2 torch threads (the same 2 threads in all), the same preset config,
+              tokenizer, training pairs (token ids), global batch, steps, AdamW settings, warmup +
+              cosine schedule and gradient clipping; timed per optimizer step by a callback over
+              the same steps as ours.
+
+Both pad each batch to its longest source and target. Target tokens/s = examples/s x the mean target
+length (EOS included) of the training pairs, the same factor for both. Prints both figures, the
+machine and `ratio=<ours/baseline>` last. Goal: >= 0.9.
+
+    .venv/bin/python bench/seq2seq_vs_hf.py [--steps 100] [--size small] [--pairs 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+# bench/ is on sys.path: it is the script's directory.
+from _common import machine, start_ray
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps in each run (default 100)")
+    p.add_argument("--log-every", type=int, default=10, help="ours' metrics window, in steps (default 10)")
+    p.add_argument("--skip-windows", type=int, default=1, help="leading windows left out of the figure (default 1)")
+    p.add_argument("--size", default="small", help="t5 preset (default small)")
+    p.add_argument("--micro-batch", type=int, default=16, help="pairs per worker per forward (default 16)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=4000, help="training pairs of the embedded set (default 4000)")
+    p.add_argument("--locale-root", default="/usr/share/locale", help="gettext catalogs (none: the shipped sample)")
+    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to Ray (default 4)")
+    return p.parse_args()
+
+
+def run_config(out_dir: str, args):
+    from llmos_ray.config import load_config
+
+    return load_config(None, {
+        "run.name": "bench-seq2seq", "run.output_dir": out_dir, "run.wandb": "disabled", "run.resume": "never",
+        "train.max_failures": 0, "train.device": "cpu", "finetune.task": "seq2seq", "model.size": args.size,
+        "finetune.max_pairs": args.pairs, "finetune.locale_root": args.locale_root, "finetune.max_source_len": 64,
+        "finetune.max_target_len": 64, "train.num_workers": args.workers, "train.micro_batch_size": args.micro_batch,
+        "train.max_steps": args.steps, "train.log_every": args.log_every, "train.eval_every": args.steps,
+        "train.checkpoint_every": args.steps, "train.warmup_steps": max(1, args.steps // 10),
+        "deepspeed.zero_stage": 2}).resolved("finetune")
+
+
+def baseline(cfg, tokenizer, train, threads: int, skip_steps: int) -> dict:
+    """Seq2SeqTrainer in this process: examples/s over steps skip_steps+1 .. max_steps."""
+    import datasets
+    import torch
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        TrainerCallback,
+    )
+
+    from llmos_ray.models import preset_config
+
+    torch.set_num_threads(threads)
+    t = cfg.train
+    config = preset_config(cfg.model.family, cfg.model.size, len(tokenizer), cfg.data.seq_len,
+                           bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    torch.manual_seed(cfg.run.seed)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    a = train.array
+    src_len, tgt_len = a["attention_mask"].sum(axis=1), (a["labels"] != -100).sum(axis=1)
+    rows = {"input_ids": [ids[:n].tolist() for ids, n in zip(a["input_ids"], src_len)],
+            "labels": [ids[:n].tolist() for ids, n in zip(a["labels"], tgt_len)]}
+    rows["attention_mask"] = [[1] * len(ids) for ids in rows["input_ids"]]
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    global_batch = t.micro_batch_size * t.num_workers
+    out = tempfile.mkdtemp(prefix="llmos-bench-hf-")
+    args = Seq2SeqTrainingArguments(
+        output_dir=out, per_device_train_batch_size=global_batch, max_steps=t.max_steps, learning_rate=t.lr,
+        warmup_steps=t.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio}, weight_decay=t.weight_decay, adam_beta1=t.betas[0],
+        adam_beta2=t.betas[1], max_grad_norm=t.grad_clip, logging_steps=t.log_every, save_strategy="no",
+        report_to=[], use_cpu=True, seed=cfg.run.seed, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows),
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    seconds = stamps[-1] - stamps[skip_steps - 1] if skip_steps else stamps[-1] - start
+    measured = t.max_steps - skip_steps
+    return {"examples_per_s": global_batch * measured / seconds, "step_s": seconds / measured, "wall_s": wall,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def ours(cfg, skip_steps: int) -> dict:
+    """finetune() on the workers: examples/s from the loop's windows after step skip_steps."""
+    from llmos_ray.train.finetune import finetune
+
+    start = time.perf_counter()
+    result = finetune(cfg)
+    wall = time.perf_counter() - start
+    windows, prev = [], 0
+    for h in result.history:
+        if "step_time_s" in h:
+            steps = h["step"] - prev
+            windows.append({"first": prev + 1, "steps": steps, "seconds": h["step_time_s"] * steps})
+            prev = h["step"]
+    measured = [w for w in windows if w["first"] > skip_steps]
+    steps, seconds = sum(w["steps"] for w in measured), sum(w["seconds"] for w in measured)
+    global_batch = cfg.train.micro_batch_size * cfg.train.num_workers
+    return {"examples_per_s": global_batch * steps / seconds, "step_s": seconds / steps, "wall_s": wall}
+
+
+def main() -> int:
+    args = parse_args()
+    load_at_start = os.getloadavg()[0]
+    import ray
+
+    from llmos_ray.train.seq2seq import seq2seq_data
+
+    out = tempfile.mkdtemp(prefix="llmos-bench-seq2seq-")
+    cfg = run_config(os.path.join(out, "run"), args)
+    tokenizer, train, _, _, source = seq2seq_data(cfg)  # trains and saves the run's tokenizer
+    per_target = train.counts["target_tokens"] / train.counts["examples"]
+    skip = args.log_every * args.skip_windows
+    base = baseline(cfg, tokenizer, train, threads=args.workers, skip_steps=skip)
+    start_ray(args.num_cpus)
+    try:
+        mine = ours(cfg, skip)  # reuses the tokenizer saved above: the same token ids
+    finally:
+        ray.shutdown()
+    shutil.rmtree(out, ignore_errors=True)
+
+    g = args.micro_batch * args.workers
+    print(f"\ndata: {train.counts['examples']} training pairs ({source.get('source')}), {per_target:.1f} target "
+          f"tokens each on average; padded per batch to its longest source and target")
+    print(f"model: t5 {args.size} from scratch, {base['params'] / 1e6:.2f}M parameters, vocab {len(tokenizer)}; "
+          f"global batch {g}; {args.steps} steps, steps {skip + 1}-{args.steps} measured; fp32, CPU")
+    b, m = base["examples_per_s"] * per_target, mine["examples_per_s"] * per_target
+    print(f"baseline, Seq2SeqTrainer, 1 process x {args.workers} threads: {b:8,.1f} target tok/s "
+          f"({base['step_s']:.3f} s/step; whole train() {base['wall_s']:.0f} s)")
+    print(f"ours, llmos finetune finetune.task=seq2seq, {args.workers} workers x 1 thread, ZeRO-2: {m:8,.1f} target "
+          f"tok/s ({mine['step_s']:.3f} s/step; whole finetune() {mine['wall_s']:.0f} s with Ray start-up and export)")
+    if load_at_start > 0.5:
+        print(f"WARNING: the machine was busy (load average {load_at_start:.1f} at start): these timings are noise; "
+              "measure on a quiet machine.")
+    print(machine())
+    print(f"ratio={m / b:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
