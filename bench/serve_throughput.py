@@ -45,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads on each side (default 1)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; each side's best is kept (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the requests' lengths (default 0)")
+    p.add_argument("--stream-interval", type=float, default=None,
+                   help="serve.stream_interval_s of the served model (default: the server's default)")
     p.add_argument("--port", type=int, default=8765)
     return p.parse_args()
 
@@ -172,8 +174,12 @@ def main() -> int:
     direct = Direct(model_dir)
     direct.one(*requests[0])  # warm up
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    llmos_ray.serve.serve(load_config(None, {"serve.models": [f"bench={model_dir}"], "serve.port": args.port,
-                                             "serve.max_batch_size": args.clients, "serve.num_cpus": args.threads}))
+    settings = {"serve.models": [f"bench={model_dir}"], "serve.port": args.port, "serve.max_batch_size": args.clients,
+                "serve.num_cpus": args.threads}
+    if args.stream_interval is not None:
+        settings["serve.stream_interval_s"] = args.stream_interval
+    cfg = load_config(None, settings)
+    llmos_ray.serve.serve(cfg)
     url = f"http://127.0.0.1:{args.port}/v1/completions"
     clients = [Client(url) for _ in requests]
     best = {"static": float("inf"), "sequential": float("inf"), "ours": float("inf")}
@@ -217,7 +223,8 @@ def main() -> int:
     lengths = [n for _, n in requests]
     print(f"model: gpt2 small preset, {direct.params / 1e6:.1f}M parameters, CPU, {args.threads} torch thread(s) "
           f"each side; {len(requests)} requests asking {min(lengths)}-{max(lengths)} new tokens ({useful} in all, "
-          f"seed {args.seed}), greedy; best of {args.rounds} alternating rounds")
+          f"seed {args.seed}), greedy; best of {args.rounds} alternating rounds; stream_interval_s "
+          f"{cfg.serve.stream_interval_s}")
     print(f"baseline, one static batched model.generate: {rate['static']:8.1f} useful tokens/s "
           f"({best['static']:.2f} s)")
     print(f"baseline, sequential model.generate:         {rate['sequential']:8.1f} useful tokens/s "

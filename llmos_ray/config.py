@@ -412,6 +412,10 @@ class ServedModelOptions:
     """Per model: most sequences decoded together; requests join a running batch between tokens."""
     batch_wait_timeout_s: float = 0.0
     """Per model: how long @serve.batch waits to group arrivals into one prefill (0 = admit at once)."""
+    stream_interval_s: float = 0.1
+    """Per model: a stream's chunks leave the replica at most this often, the tokens decoded meanwhile in one
+    chunk (the first at once): fewer messages through ingress and proxy for at most this much added latency
+    per chunk. 0 = each token as soon as it is decoded."""
     max_tokens_limit: int = 1024
     """Per model: cap on max_tokens; larger requests get 400."""
     default_max_tokens: int = 16
@@ -456,8 +460,9 @@ class ServedModelOptions:
         if self.max_queued_requests == 0 or self.max_queued_requests < -1:
             raise ConfigError(f"{where}: max_queued_requests must be > 0 or -1 (unbounded), got "
                               f"{self.max_queued_requests}")
-        if self.batch_wait_timeout_s < 0 or self.target_ongoing_requests <= 0:
-            raise ConfigError(f"{where}: batch_wait_timeout_s must be >= 0 and target_ongoing_requests > 0")
+        if self.batch_wait_timeout_s < 0 or self.stream_interval_s < 0 or self.target_ongoing_requests <= 0:
+            raise ConfigError(f"{where}: batch_wait_timeout_s and stream_interval_s must be >= 0 and "
+                              "target_ongoing_requests > 0")
         if self.num_cpus <= 0:
             raise ConfigError(f"{where}: num_cpus must be > 0, got {self.num_cpus}")
         if self.quantize == "int8" and self.device == "cuda":

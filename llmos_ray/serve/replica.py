@@ -189,15 +189,22 @@ class ModelServer:
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         row = await self._admit((ids, params, lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c), stop_ids))
+        interval, sent_at = (self.spec.stream_interval_s if coalesce else 0.0), None
         try:
             while True:
                 chunk = await chunks.get()
-                while coalesce and not chunk.finish_reason and not chunks.empty():
-                    nxt = chunks.get_nowait()  # a slow reader gets fewer, larger pieces
-                    nxt.text = chunk.text + nxt.text
-                    nxt.logprobs = chunk.logprobs + nxt.logprobs
-                    nxt.prompt_logprobs = chunk.prompt_logprobs if nxt.prompt_logprobs is None else nxt.prompt_logprobs
-                    chunk = nxt
+                # A slow reader gets fewer, larger pieces; so does every reader within stream_interval_s
+                # of its previous chunk (one message per hop for several tokens, the first one at once).
+                while coalesce and not chunk.finish_reason:
+                    wait = 0.0 if sent_at is None else sent_at + interval - loop.time()
+                    if chunks.empty() and wait <= 0:
+                        break
+                    try:
+                        nxt = chunks.get_nowait() if not chunks.empty() else await asyncio.wait_for(chunks.get(), wait)
+                    except asyncio.TimeoutError:
+                        break
+                    chunk = _joined(chunk, nxt)
+                sent_at = loop.time()
                 if chunk.error:
                     yield APIError(500, f"generation failed: {chunk.error}", code="generation_error")
                     return
@@ -213,6 +220,14 @@ class ModelServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _joined(chunk: Chunk, nxt: Chunk) -> Chunk:
+    """`nxt` carrying the text and log-probabilities of `chunk` before its own."""
+    nxt.text = chunk.text + nxt.text
+    nxt.logprobs = chunk.logprobs + nxt.logprobs
+    nxt.prompt_logprobs = chunk.prompt_logprobs if nxt.prompt_logprobs is None else nxt.prompt_logprobs
+    return nxt
 
 
 def _resolve(future: asyncio.Future, value) -> None:

@@ -78,6 +78,22 @@ def test_streaming_chat_matches_non_streamed(server):
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
 
 
+def test_a_stream_leaves_the_replica_once_per_stream_interval(server):
+    """serve.stream_interval_s (0.1 s by default): the first text at once, then the tokens decoded
+    within each interval in one chunk, so a 48-token stream is a handful of messages per hop, not 48."""
+    body = {"model": "tiny", "prompt": "import", "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    arrived = []
+    with server["client"].stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                arrived.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(arrived, arrived[1:])]
+    # The last chunk leaves as soon as the row finishes, so it may follow its predecessor closely;
+    # the others are >= 0.1 s apart in the replica (0.05 s leaves room for delivery jitter).
+    assert 1 <= len(arrived) < 48 and all(g >= 0.05 for g in gaps[:-1]), gaps
+
+
 def test_seeded_sampling_is_reproducible(server):
     client = openai_client(server)
     runs = [client.completions.create(model="tiny", prompt="x", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
