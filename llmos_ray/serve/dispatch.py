@@ -45,7 +45,6 @@ class ServedModels:
         self.handles = handles
         self.retry_after_s = retry_after_s
         self.transformers = [n for n, s in self.specs.items() if s.engine == "transformers"]
-        self._generate = {n: handles[n].options(method_name="generate") for n in self.transformers}
         self._stream = {n: handles[n].options(method_name="generate_stream", stream=True) for n in self.transformers}
         self.safety = {name: SafetyPolicy.from_spec(spec) for name, spec in self.specs.items()}
         self.metrics = get_metrics()
@@ -179,20 +178,11 @@ class ServedModels:
 
     async def generate(self, spec: ModelSpec, gen: GenerationRequest) -> Result:
         """One non-streamed generation; a replica that died under it is retried on another one."""
-        for attempt in range(RETRIES):
-            try:
-                result = await self._generate[spec.name].remote(gen)
-            except Exception as e:
-                await self._retry_or_raise(e, spec, attempt)
-                continue
-            if isinstance(result, APIError):
-                raise result
-            return result
-        raise self._no_replica(spec)
+        return await self.call(spec, "generate", gen)
 
     async def call(self, spec: ModelSpec, method: str, *args) -> Any:
-        """Another method of a model's replica (tokenize, embed ...), retried like `generate`; an
-        APIError it returns is raised."""
+        """A method of a model's replica (generate, tokenize, embed ...); a replica that died under it
+        is retried on another one; an APIError it returns is raised."""
         for attempt in range(RETRIES):
             try:
                 result = await getattr(self.handles[spec.name], method).remote(*args)

@@ -16,31 +16,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 from llmos_ray.config import Config
-from llmos_ray.errors import DataError, ModelError
-from llmos_ray.train.trainer import TrainResult, progress_log, resolve_resume, run_training
+from llmos_ray.errors import DataError
+from llmos_ray.train.examples import train_on_examples
+from llmos_ray.train.trainer import TrainResult, progress_log
 
 log = logging.getLogger(__name__)
 
 
 def finetune_classifier(cfg: Config) -> TrainResult:
     """Train a classifier on `finetune.paths` (or the embedded language-ID set); `cfg` is resolved."""
-    from llmos_ray.runtime import init_ray, run_log
-
-    _check_base(cfg.model.base)
-    cfg, resume_from, finished = resolve_resume(cfg, "finetune")
-    if finished is not None:
-        return finished
-    with run_log(cfg.run.output_dir):
-        tokenizer, train, val, info, source = classification_data(cfg)
-        init_ray()
-        val_rows = val.array[: cfg.data.val_max_blocks] if val is not None else None
-        return run_training(cfg, tokenizer, {"train": train.array}, val_rows, resume_from, job="finetune",
-                            data_counts={"train": train.counts, "val": val.counts if val else None,
-                                         "labels": info["labels"], "source": source},
-                            task_info=info)
+    return train_on_examples(cfg, classification_data)
 
 
 def classification_data(cfg: Config):
@@ -107,8 +94,3 @@ def _uses_token_types(cfg: Config) -> bool:
     return cfg.model.family == "bert"
 
 
-def _check_base(base: Optional[str]) -> None:
-    if base is not None and (base.startswith(("/", ".", "~")) or os.path.exists(base)) \
-            and not os.path.isfile(os.path.join(os.path.expanduser(base), "config.json")):
-        raise ModelError(f"model.base={base!r} is not a model directory (no config.json); give an export "
-                         "directory or a hub id, or leave it out to train a fresh model.family preset")

@@ -18,27 +18,15 @@ import os
 
 from llmos_ray.config import Config
 from llmos_ray.errors import DataError
-from llmos_ray.train.trainer import TrainResult, progress_log, resolve_resume, run_training
+from llmos_ray.train.examples import train_on_examples
+from llmos_ray.train.trainer import TrainResult, progress_log
 
 log = logging.getLogger(__name__)
 
 
 def finetune_seq2seq(cfg: Config) -> TrainResult:
     """Train an encoder-decoder on `finetune.paths` (or the embedded translation pairs); `cfg` is resolved."""
-    from llmos_ray.runtime import init_ray, run_log
-    from llmos_ray.train.classification import _check_base
-
-    _check_base(cfg.model.base)
-    cfg, resume_from, finished = resolve_resume(cfg, "finetune")
-    if finished is not None:
-        return finished
-    with run_log(cfg.run.output_dir):
-        tokenizer, train, val, info, source = seq2seq_data(cfg)
-        init_ray()
-        val_rows = val.array[: cfg.data.val_max_blocks] if val is not None else None
-        return run_training(cfg, tokenizer, {"train": train.array}, val_rows, resume_from, job="finetune",
-                            data_counts={"train": train.counts, "val": val.counts if val else None, "source": source},
-                            task_info=info)
+    return train_on_examples(cfg, seq2seq_data)
 
 
 def source_target_bounds(cfg: Config) -> tuple[int, int]:
