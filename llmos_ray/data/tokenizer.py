@@ -119,6 +119,24 @@ def tokenizer_dir(cfg) -> str:
     return f"{cfg.run.output_dir.rstrip('/')}/tokenizer"
 
 
+def run_tokenizer(cfg, texts, trained_on: str):
+    """model.base's tokenizer, data.tokenizer, the run's own (a resumed run), or a byte-level BPE of
+    data.vocab_size trained on `texts()` (called only then) and saved as the run's, said as `trained_on`."""
+    out = local_path(tokenizer_dir(cfg))
+    if cfg.model.base or cfg.data.tokenizer:
+        return load_tokenizer(cfg.model.base or cfg.data.tokenizer)
+    if os.path.isfile(os.path.join(out, "tokenizer_config.json")):
+        tokenizer = load_tokenizer(out)
+        log.info("tokenizer: reusing %s (%d tokens)", out, len(tokenizer))
+        return tokenizer
+    texts = texts()
+    save_tokenizer(train_tokenizer(texts, cfg.data.vocab_size), out,
+                   {"vocab_size": cfg.data.vocab_size, "trained_on": trained_on, "texts": len(texts)})
+    tokenizer = load_tokenizer(out)
+    log.info("tokenizer: trained %d tokens on %d training texts -> %s", len(tokenizer), len(texts), out)
+    return tokenizer
+
+
 def get_tokenizer(cfg):
     """The tokenizer of a run (a transformers fast tokenizer).
 

@@ -15,7 +15,6 @@ from the training split and go into the export's config.json (id2label/label2id)
 from __future__ import annotations
 
 import logging
-import os
 
 from llmos_ray.config import Config
 from llmos_ray.errors import DataError
@@ -63,23 +62,13 @@ def classification_tokenizer(cfg: Config, train_records: list):
     """model.base's tokenizer, data.tokenizer, the run's own (a resumed run), or a byte-level BPE
     trained on the training texts and saved as the run's; framed for classification."""
     from llmos_ray.data.classification import frame_for_classification
-    from llmos_ray.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_dir, train_tokenizer
-    from llmos_ray.storage import local_path
+    from llmos_ray.data.tokenizer import run_tokenizer
 
-    out = local_path(tokenizer_dir(cfg))
-    if cfg.model.base or cfg.data.tokenizer:
-        tokenizer = load_tokenizer(cfg.model.base or cfg.data.tokenizer)
-    elif os.path.isfile(os.path.join(out, "tokenizer_config.json")):
-        tokenizer = load_tokenizer(out)
-        log.info("tokenizer: reusing %s (%d tokens)", out, len(tokenizer))
-    else:
-        texts = [t for r in train_records if isinstance(r, dict)
-                 for t in (r.get("text"), r.get("text_pair")) if isinstance(t, str)]
-        tokenizer = train_tokenizer(texts, cfg.data.vocab_size)
-        save_tokenizer(tokenizer, out, {"vocab_size": cfg.data.vocab_size, "trained_on": "classification texts",
-                                        "texts": len(texts)})
-        tokenizer = load_tokenizer(out)
-        log.info("tokenizer: trained %d tokens on %d training texts -> %s", len(tokenizer), len(texts), out)
+    def texts() -> list[str]:
+        return [t for r in train_records if isinstance(r, dict)
+                for t in (r.get("text"), r.get("text_pair")) if isinstance(t, str)]
+
+    tokenizer = run_tokenizer(cfg, texts, "classification texts")
     frame_for_classification(tokenizer)
     return tokenizer
 

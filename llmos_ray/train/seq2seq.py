@@ -14,7 +14,6 @@ framed to end every text with EOS (data/seq2seq.frame_for_seq2seq).
 from __future__ import annotations
 
 import logging
-import os
 
 from llmos_ray.config import Config
 from llmos_ray.errors import DataError
@@ -75,24 +74,13 @@ def seq2seq_tokenizer(cfg: Config, train_records: list):
     """model.base's tokenizer, data.tokenizer, the run's own (a resumed run), or a byte-level BPE
     trained on the training pairs' sources and targets and saved as the run's; framed for seq2seq."""
     from llmos_ray.data.seq2seq import frame_for_seq2seq, pair_texts
-    from llmos_ray.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_dir, train_tokenizer
-    from llmos_ray.storage import local_path
+    from llmos_ray.data.tokenizer import run_tokenizer
 
     ft = cfg.finetune
-    out = local_path(tokenizer_dir(cfg))
-    if cfg.model.base or cfg.data.tokenizer:
-        tokenizer = load_tokenizer(cfg.model.base or cfg.data.tokenizer)
-    elif os.path.isfile(os.path.join(out, "tokenizer_config.json")):
-        tokenizer = load_tokenizer(out)
-        log.info("tokenizer: reusing %s (%d tokens)", out, len(tokenizer))
-    else:
-        texts = pair_texts(train_records, ft.source_lang, ft.target_lang)
-        if ft.task_prefix:
-            texts.append(ft.task_prefix)
-        tokenizer = train_tokenizer(texts, cfg.data.vocab_size)
-        save_tokenizer(tokenizer, out, {"vocab_size": cfg.data.vocab_size, "trained_on": "seq2seq pairs",
-                                        "texts": len(texts)})
-        tokenizer = load_tokenizer(out)
-        log.info("tokenizer: trained %d tokens on %d training texts -> %s", len(tokenizer), len(texts), out)
+
+    def texts() -> list[str]:
+        return pair_texts(train_records, ft.source_lang, ft.target_lang) + ([ft.task_prefix] if ft.task_prefix else [])
+
+    tokenizer = run_tokenizer(cfg, texts, "seq2seq pairs")
     frame_for_seq2seq(tokenizer)
     return tokenizer
