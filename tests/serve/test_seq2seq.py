@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from tests.conftest import SEQ2SEQ_PREFIX
-from tests.serve.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -24,20 +23,24 @@ MAX_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, seq2seq_run):
+def server(server, seq2seq_run):
+    """The translator, served as a second application beside the package's shared one (Serve runs one
+    HTTP proxy per cluster: it joins that port under /s2s), deleted after this module."""
     from ray import serve
 
     import llmos_ray.serve
     from llmos_ray.config import load_config
 
-    port = free_port()
-    cfg = load_config(None, {"serve.port": port, "serve.models": [f"en-fr={seq2seq_run.export_dir}"],
+    port = server["port"]
+    cfg = load_config(None, {"serve.port": port, "serve.app_name": "s2s", "serve.route_prefix": "/s2s",
+                             "serve.metering": False, "serve.models": [f"en-fr={seq2seq_run.export_dir}"],
                              "serve.model_options": {"en-fr": {"num_cpus": 0.5, "max_batch_size": 8,
                                                                "batch_wait_timeout_s": 0.2}}})
     llmos_ray.serve.serve(cfg)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield {"port": port, "client": client, "export": seq2seq_run.export_dir}
-    serve.shutdown()
+    url = f"http://127.0.0.1:{port}/s2s"
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield {"url": url, "client": client, "export": seq2seq_run.export_dir}
+    serve.delete("s2s")
 
 
 def greedy(export_dir: str, sources: list[str]) -> list[str]:
@@ -84,7 +87,7 @@ def test_openai_client_streaming_and_kserve_generate_reach_the_translator(server
     import openai
 
     want = greedy(server["export"], SOURCES[:1])[0]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="none")
+    client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="none")
     done = client.completions.create(model="en-fr", prompt=SOURCES[0], max_tokens=MAX_TOKENS, temperature=0)
     assert done.choices[0].text == want and done.choices[0].finish_reason in ("stop", "length")
     pieces = client.completions.create(model="en-fr", prompt=SOURCES[0], max_tokens=MAX_TOKENS, temperature=0,
