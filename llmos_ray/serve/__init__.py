@@ -61,9 +61,30 @@ def serve(config: Any = None):
     _started_ray = init_ray() or _started_ray
     ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     handle = ray_serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+    _wait_for_route(cfg.serve)
     log.info("serving %s at http://%s:%d%s", cfg.serve.models, cfg.serve.host, cfg.serve.port,
              cfg.serve.route_prefix)
     return handle
+
+
+def _wait_for_route(s, timeout_s: float = 15.0) -> None:
+    """Return once Serve's HTTP proxy routes serve.route_prefix: it learns an application's route a
+    moment after the application is running, and a request in between gets the proxy's 404."""
+    import time
+
+    import httpx
+
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    url, deadline = f"http://{host}:{s.port}/-/routes", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if s.route_prefix in httpx.get(url, timeout=2).json():
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.1)
+    log.warning("Serve's proxy at %s does not route %s yet after %.0f s (another Serve instance with other "
+                "HTTP options?)", url, s.route_prefix, timeout_s)
 
 
 def run_until_stopped(config: Any = None) -> None:
