@@ -1,5 +1,7 @@
 """What the training benchmarks share: real text tokenized into blocks, a run config, Ray started
-with enough logical CPUs, and a description of the machine."""
+with enough logical CPUs, a description of the machine, and — for the fine-tune benchmarks against
+Hugging Face's trainers — our finetune() timed from its own step windows, the trainer arguments of
+the same schedule, and a trainer's train() timed step by step."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ import datetime
 import glob
 import os
 import platform
+import shutil
 import sysconfig
+import tempfile
+import time
 
 import numpy as np
 
@@ -84,3 +89,58 @@ def machine() -> str:
             f"torch threads in this process {torch.get_num_threads()}, load average "
             f"{os.getloadavg()[0]:.1f}; {', '.join(versions)}; "
             f"{datetime.datetime.now().astimezone().isoformat(timespec='minutes')}")
+
+
+def timed_finetune(cfg, skip_steps: int) -> dict:
+    """finetune() on the workers: examples/s and s/step from the loop's own windows after step
+    skip_steps, the whole call's wall time, and the export."""
+    from llmos_ray.train.finetune import finetune
+
+    start = time.perf_counter()
+    result = finetune(cfg)
+    wall = time.perf_counter() - start
+    steps = seconds = prev = 0
+    for h in result.history:
+        if "step_time_s" in h:
+            if prev >= skip_steps:  # the window of steps prev+1 .. h["step"]
+                steps, seconds = steps + h["step"] - prev, seconds + h["step_time_s"] * (h["step"] - prev)
+            prev = h["step"]
+    global_batch = cfg.train.micro_batch_size * cfg.train.num_workers
+    return {"examples_per_s": global_batch * steps / seconds, "step_s": seconds / steps, "wall_s": wall,
+            "export": result.export_dir}
+
+
+def hf_training_args(cfg, args_class):
+    """`args_class` (TrainingArguments or Seq2SeqTrainingArguments) for the schedule of our run `cfg`:
+    one process with our global batch, the same steps, AdamW settings, warmup + cosine to
+    lr * min_lr_ratio and clipping, on the CPU, nothing saved; its output_dir a fresh temp dir."""
+    t = cfg.train
+    return args_class(
+        output_dir=tempfile.mkdtemp(prefix="llmos-bench-hf-"), per_device_train_batch_size=t.micro_batch_size
+        * t.num_workers, max_steps=t.max_steps, learning_rate=t.lr, warmup_steps=t.warmup_steps,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
+        weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1], max_grad_norm=t.grad_clip,
+        logging_steps=t.log_every, save_strategy="no", report_to=[], use_cpu=True, seed=cfg.run.seed,
+        dataloader_num_workers=0, disable_tqdm=True)
+
+
+def timed_hf_train(trainer, skip_steps: int) -> dict:
+    """trainer.train() with a clock at every step's end: examples/s and s/step over steps
+    skip_steps+1 .. max_steps, and the whole call's wall time; its output_dir removed after."""
+    from transformers import TrainerCallback
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    trainer.add_callback(Clock())
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    seconds = stamps[-1] - stamps[skip_steps - 1] if skip_steps else stamps[-1] - start
+    measured = trainer.args.max_steps - skip_steps
+    global_batch = trainer.args.per_device_train_batch_size
+    return {"examples_per_s": global_batch * measured / seconds, "step_s": seconds / measured, "wall_s": wall}

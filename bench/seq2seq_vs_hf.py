@@ -25,10 +25,9 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 # bench/ is on sys.path: it is the script's directory.
-from _common import machine, start_ray
+from _common import hf_training_args, machine, start_ray, timed_finetune, timed_hf_train
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,13 +66,11 @@ def baseline(cfg, tokenizer, train, threads: int, skip_steps: int) -> dict:
         DataCollatorForSeq2Seq,
         Seq2SeqTrainer,
         Seq2SeqTrainingArguments,
-        TrainerCallback,
     )
 
     from llmos_ray.models import preset_config
 
     torch.set_num_threads(threads)
-    t = cfg.train
     config = preset_config(cfg.model.family, cfg.model.size, len(tokenizer), cfg.data.seq_len,
                            bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     torch.manual_seed(cfg.run.seed)
@@ -83,49 +80,11 @@ def baseline(cfg, tokenizer, train, threads: int, skip_steps: int) -> dict:
     rows = {"input_ids": [ids[:n].tolist() for ids, n in zip(a["input_ids"], src_len)],
             "labels": [ids[:n].tolist() for ids, n in zip(a["labels"], tgt_len)]}
     rows["attention_mask"] = [[1] * len(ids) for ids in rows["input_ids"]]
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
-
-    global_batch = t.micro_batch_size * t.num_workers
-    out = tempfile.mkdtemp(prefix="llmos-bench-hf-")
-    args = Seq2SeqTrainingArguments(
-        output_dir=out, per_device_train_batch_size=global_batch, max_steps=t.max_steps, learning_rate=t.lr,
-        warmup_steps=t.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio}, weight_decay=t.weight_decay, adam_beta1=t.betas[0],
-        adam_beta2=t.betas[1], max_grad_norm=t.grad_clip, logging_steps=t.log_every, save_strategy="no",
-        report_to=[], use_cpu=True, seed=cfg.run.seed, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows),
-                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), callbacks=[Clock()])
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
-    seconds = stamps[-1] - stamps[skip_steps - 1] if skip_steps else stamps[-1] - start
-    measured = t.max_steps - skip_steps
-    return {"examples_per_s": global_batch * measured / seconds, "step_s": seconds / measured, "wall_s": wall,
+    trainer = Seq2SeqTrainer(model=model, args=hf_training_args(cfg, Seq2SeqTrainingArguments),
+                             train_dataset=datasets.Dataset.from_dict(rows),
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model))
+    return {**timed_hf_train(trainer, skip_steps),
             "params": sum(p.numel() for p in model.parameters())}
-
-
-def ours(cfg, skip_steps: int) -> dict:
-    """finetune() on the workers: examples/s from the loop's windows after step skip_steps."""
-    from llmos_ray.train.finetune import finetune
-
-    start = time.perf_counter()
-    result = finetune(cfg)
-    wall = time.perf_counter() - start
-    windows, prev = [], 0
-    for h in result.history:
-        if "step_time_s" in h:
-            steps = h["step"] - prev
-            windows.append({"first": prev + 1, "steps": steps, "seconds": h["step_time_s"] * steps})
-            prev = h["step"]
-    measured = [w for w in windows if w["first"] > skip_steps]
-    steps, seconds = sum(w["steps"] for w in measured), sum(w["seconds"] for w in measured)
-    global_batch = cfg.train.micro_batch_size * cfg.train.num_workers
-    return {"examples_per_s": global_batch * steps / seconds, "step_s": seconds / steps, "wall_s": wall}
 
 
 def main() -> int:
@@ -143,7 +102,7 @@ def main() -> int:
     base = baseline(cfg, tokenizer, train, threads=args.workers, skip_steps=skip)
     start_ray(args.num_cpus)
     try:
-        mine = ours(cfg, skip)  # reuses the tokenizer saved above: the same token ids
+        mine = timed_finetune(cfg, skip)  # reuses the tokenizer saved above: the same token ids
     finally:
         ray.shutdown()
     shutil.rmtree(out, ignore_errors=True)
