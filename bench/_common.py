@@ -26,6 +26,27 @@ def stdlib_sources() -> list[str]:
     return [open(f, encoding="utf-8", errors="replace").read() for f in files]
 
 
+def untrained_gpt2(out_dir: str, size: str, vocab_size: int, generation_config: bool = False) -> str:
+    """A gpt2 `size` preset, untrained (seed 0), with a byte-level BPE trained on the first 60 stdlib
+    modules, saved as a model directory (with a generation config of its bos/eos/pad ids if asked)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from llmos_ray.data.tokenizer import train_tokenizer
+    from llmos_ray.models import preset_config
+
+    tok = train_tokenizer(stdlib_sources()[:60], vocab_size=vocab_size)
+    torch.manual_seed(0)
+    cfg = preset_config("gpt2", size, len(tok), 256, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    if generation_config:
+        GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
+    return out_dir
+
+
 def tokenizer_and_blocks(n_blocks: int, seq_len: int, vocab_size: int):
     """A byte-level BPE (`train_tokenizer`) trained on the first 60 stdlib modules, and the first
     `n_blocks` blocks of seq_len + 1 tokens of the stdlib (each module + EOS, packed), int32."""

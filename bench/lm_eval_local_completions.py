@@ -23,6 +23,9 @@ import sysconfig
 import tempfile
 import time
 
+# bench/ is on sys.path: it is the script's directory.
+from _common import untrained_gpt2
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -59,20 +62,7 @@ metric_list:
 
 
 def build_model(out_dir: str) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from llmos_ray.data.tokenizer import train_tokenizer
-    from llmos_ray.models import preset_config
-
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:60]
-    tok = train_tokenizer([open(f, encoding="utf-8", errors="replace").read() for f in files], vocab_size=2048)
-    torch.manual_seed(0)
-    cfg = preset_config("gpt2", "tiny", len(tok), 256, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return untrained_gpt2(out_dir, "tiny", 2048)
 
 
 def write_tasks(out_dir: str) -> str:

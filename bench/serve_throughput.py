@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import glob
 import json
 import os
 import random
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
+
+# bench/ is on sys.path: it is the script's directory.
+from _common import untrained_gpt2
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -52,22 +53,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_model(out_dir: str) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from llmos_ray.data.tokenizer import train_tokenizer
-    from llmos_ray.models import preset_config
-
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:60]
-    tok = train_tokenizer([open(f, encoding="utf-8", errors="replace").read() for f in files], vocab_size=4096)
-    torch.manual_seed(0)
-    cfg = preset_config("gpt2", "small", len(tok), 256, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
-    return out_dir
+    return untrained_gpt2(out_dir, "small", 4096, generation_config=True)
 
 
 def workload(clients: int, seed: int) -> list[tuple[str, int]]:
