@@ -25,6 +25,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from llmos_ray.data.sft import RecordSplits, embedded_splits, split_records
 from llmos_ray.errors import DataError
 
 MAX_BAD_LISTED = 100
@@ -232,35 +233,17 @@ EMBEDDED_VAL_FRACTION = 0.1
 """Held-out share of the embedded language-ID set (its own split, not data.val_fraction)."""
 
 
-@dataclass
-class LabelledSplits:
-    train: list
-    """(source, line, record) triples of the training split."""
-    val: list
-    """(source, line, record) triples of the held-out split."""
-    source: dict = field(default_factory=dict)
-    """Where they came from: {"paths"} or the embedded set's ledger (catalogs read, records dropped)."""
-
-
-def labelled_records(cfg) -> LabelledSplits:
+def labelled_records(cfg) -> RecordSplits:
     """The labelled records of a classification run (a resolved Config): finetune.paths split by a
     hash of each record's file and line (data.val_fraction), or — no paths — the embedded
     language-ID set over the gettext catalogs (finetune.languages, finetune.examples_per_label,
     finetune.locale_root), with its own held-out split."""
-    from llmos_ray.data.documents import is_held_out
-    from llmos_ray.data.sft import read_sft_records
-
     ft = cfg.finetune
     if not ft.paths:
         from llmos_ray.data.catalog_tasks import language_id_dataset
 
         d = language_id_dataset(ft.languages, root=ft.locale_root, per_label=ft.examples_per_label,
                                 val_fraction=EMBEDDED_VAL_FRACTION)
-        tag = "llmos:language-id"
-        return LabelledSplits([(f"{tag}:train", i, r) for i, r in enumerate(d.train, 1)],
-                              [(f"{tag}:val", i, r) for i, r in enumerate(d.val, 1)],
-                              {"embedded": "language identification over gettext catalogs", **d.ledger})
-    train, val = [], []
-    for source, line, record in read_sft_records(ft.paths, cfg.data.storage_options):
-        (val if is_held_out(f"{source}:{line}", cfg.data.val_fraction) else train).append((source, line, record))
-    return LabelledSplits(train, val, {"paths": list(ft.paths), "val_fraction": cfg.data.val_fraction})
+        return embedded_splits("llmos:language-id", d.train, d.val,
+                               {"embedded": "language identification over gettext catalogs", **d.ledger})
+    return split_records(cfg)

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from llmos_ray.data.sft import RecordSplits, embedded_splits, split_records
 from llmos_ray.errors import DataError
 
 MAX_BAD_LISTED = 100
@@ -161,24 +162,11 @@ EMBEDDED_VAL_FRACTION = 0.1
 """Held-out share of the embedded translation pairs (their own split, not data.val_fraction)."""
 
 
-@dataclass
-class PairSplits:
-    train: list
-    """(file, line, record) triples of the training split."""
-    val: list
-    """(file, line, record) triples of the held-out split."""
-    source: dict = field(default_factory=dict)
-    """Where they came from: {"paths"} or the embedded set's ledger (catalogs read, pairs dropped)."""
-
-
-def pair_records(cfg) -> PairSplits:
+def pair_records(cfg) -> RecordSplits:
     """The records of a seq2seq run (a resolved Config): finetune.paths split by a hash of each
     record's source text (data.val_fraction; a line that has none, by its file and line), or — no
     paths — the embedded English → finetune.target_lang pairs of the gettext catalogs
     (finetune.locale_root, finetune.max_pairs), held out by a hash of the source."""
-    from llmos_ray.data.documents import is_held_out
-    from llmos_ray.data.sft import read_sft_records
-
     ft = cfg.finetune
     if not ft.paths:
         from llmos_ray.data.catalog_tasks import translation_dataset
@@ -188,18 +176,16 @@ def pair_records(cfg) -> PairSplits:
                             f"finetune.source_lang={ft.source_lang!r} needs finetune.paths")
         d = translation_dataset(ft.target_lang, root=ft.locale_root, val_fraction=EMBEDDED_VAL_FRACTION,
                                 max_pairs=ft.max_pairs)
-        tag = f"llmos:gettext-en-{ft.target_lang}"
-        return PairSplits([(f"{tag}:train", i, r) for i, r in enumerate(d.train, 1)],
-                          [(f"{tag}:val", i, r) for i, r in enumerate(d.val, 1)],
-                          {"embedded": f"English -> {ft.target_lang} pairs of the gettext catalogs", **d.ledger})
-    train, val = [], []
-    for file, line, record in read_sft_records(ft.paths, cfg.data.storage_options):
+        return embedded_splits(f"llmos:gettext-en-{ft.target_lang}", d.train, d.val,
+                               {"embedded": f"English -> {ft.target_lang} pairs of the gettext catalogs", **d.ledger})
+
+    def source_text(file: str, line: int, record: Any) -> str:
         try:
-            key = pair_of(record, ft.source_lang, ft.target_lang)[0]
+            return pair_of(record, ft.source_lang, ft.target_lang)[0]
         except ValueError:
-            key = f"{file}:{line}"
-        (val if is_held_out(key, cfg.data.val_fraction) else train).append((file, line, record))
-    return PairSplits(train, val, {"paths": list(ft.paths), "val_fraction": cfg.data.val_fraction})
+            return f"{file}:{line}"
+
+    return split_records(cfg, source_text)
 
 
 def pair_texts(records: Iterable[tuple[str, int, Any]], source_lang: str = "en",

@@ -16,7 +16,7 @@ fit no format are bad records, counted with file and line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -246,3 +246,33 @@ def read_sft_records(paths: list[str], storage_options: Optional[dict] = None) -
             corpus = Corpus([source], storage_options=dict(storage_options or {}))
             for line, record, reason in read_objects(corpus, source):
                 yield name, line, record if reason is None else ValueError(reason)
+
+
+@dataclass
+class RecordSplits:
+    """The records of a fine-tuning run on labelled or paired examples, split."""
+
+    train: list
+    """(file, line, record) triples of the training split."""
+    val: list
+    """(file, line, record) triples of the held-out split."""
+    source: dict = field(default_factory=dict)
+    """Where they came from: {"paths", "val_fraction"} or an embedded set's ledger."""
+
+
+def split_records(cfg, key: Callable[[str, int, Any], str] = lambda file, line, record: f"{file}:{line}"
+                  ) -> RecordSplits:
+    """finetune.paths read (`read_sft_records`) and split by a hash of each record's `key`
+    (documents.is_held_out, data.val_fraction): by default its file and line."""
+    from llmos_ray.data.documents import is_held_out
+
+    train, val = [], []
+    for file, line, record in read_sft_records(cfg.finetune.paths, cfg.data.storage_options):
+        (val if is_held_out(key(file, line, record), cfg.data.val_fraction) else train).append((file, line, record))
+    return RecordSplits(train, val, {"paths": list(cfg.finetune.paths), "val_fraction": cfg.data.val_fraction})
+
+
+def embedded_splits(tag: str, train: list, val: list, source: dict) -> RecordSplits:
+    """An embedded set's own split as (file, line, record) triples: `<tag>:train` / `<tag>:val`, line numbers from 1."""
+    return RecordSplits([(f"{tag}:train", i, r) for i, r in enumerate(train, 1)],
+                        [(f"{tag}:val", i, r) for i, r in enumerate(val, 1)], source)
