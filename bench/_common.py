@@ -131,12 +131,26 @@ def timed_finetune(cfg, skip_steps: int) -> dict:
             "export": result.export_dir}
 
 
+def our_order(n_rows: int, cfg) -> np.ndarray:
+    """The row indices, in order, that our fine-tuning run `cfg` trains on: the in-memory reader's
+    seeded shuffle per epoch (train/readers.ArrayReader), one global batch per step, for
+    train.max_steps steps. Given to a Hugging Face trainer that reads its dataset sequentially,
+    both see the same examples in the same batches: at 150 steps of a small classifier, the data
+    order alone moves held-out accuracy by ~±2 points (0.797-0.847 over 6 orders, 2026-12-02)."""
+    from llmos_ray.train.readers import ArrayReader
+
+    global_batch = cfg.train.micro_batch_size * cfg.train.num_workers
+    reader = ArrayReader(np.arange(n_rows), global_batch, 0, 1, shuffle_seed=cfg.run.seed)
+    return np.concatenate([reader.next_agreed() for _ in range(cfg.train.max_steps)])
+
+
 def hf_training_args(cfg, args_class):
     """`args_class` (TrainingArguments or Seq2SeqTrainingArguments) for the schedule of our run `cfg`:
     one process with our global batch, the same steps, AdamW settings, warmup + cosine to
-    lr * min_lr_ratio and clipping, on the CPU, nothing saved; its output_dir a fresh temp dir."""
+    lr * min_lr_ratio and clipping, on the CPU, nothing saved; its output_dir a fresh temp dir. It
+    reads its dataset in order: build it with `our_order` to give it our batches."""
     t = cfg.train
-    return args_class(
+    return args_class(train_sampling_strategy="sequential", 
         output_dir=tempfile.mkdtemp(prefix="llmos-bench-hf-"), per_device_train_batch_size=t.micro_batch_size
         * t.num_workers, max_steps=t.max_steps, learning_rate=t.lr, warmup_steps=t.warmup_steps,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},

@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 # bench/ is on sys.path: it is the script's directory.
-from _common import hf_training_args, machine, start_ray, timed_finetune, timed_hf_train
+from _common import hf_training_args, machine, our_order, start_ray, timed_finetune, timed_hf_train
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,7 +75,7 @@ def baseline(cfg, tokenizer, train, threads: int, skip_steps: int) -> dict:
                            bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     torch.manual_seed(cfg.run.seed)
     model = AutoModelForSeq2SeqLM.from_config(config)
-    a = train.array
+    a = train.array[our_order(len(train.array), cfg)]  # our batches, in our order
     src_len, tgt_len = a["attention_mask"].sum(axis=1), (a["labels"] != -100).sum(axis=1)
     rows = {"input_ids": [ids[:n].tolist() for ids, n in zip(a["input_ids"], src_len)],
             "labels": [ids[:n].tolist() for ids, n in zip(a["labels"], tgt_len)]}

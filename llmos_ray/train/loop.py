@@ -302,8 +302,9 @@ def _setup_engine(worker: Worker, model, resume: Resume):
 
     cfg = worker.cfg
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     ds_config = deepspeed_config(cfg, worker.world, worker.device.type, worker.precision, hidden_size=hidden,
-                                 load_universal=resume.method == "universal")
+                                 load_universal=resume.method == "universal", trainable_params=trainable)
     optimizer = None
     if uses_client_optimizer(cfg, worker.device.type):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,

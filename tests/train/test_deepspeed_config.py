@@ -121,6 +121,15 @@ def test_buckets_sized_to_the_model_and_extra_still_wins():
     assert z["stage3_prefetch_bucket_size"] == int(0.9 * 256**2) and z["stage3_param_persistence_threshold"] == 2560
     big = deepspeed_config(c, 2, "cuda", "bf16", hidden_size=8192)["zero_optimization"]
     assert big["reduce_bucket_size"] == 5e7  # capped
+    # On CPU one bucket holds the whole trainable model (each bucket is a blocking gloo round trip), capped too.
+    small_cpu = deepspeed_config(c, 2, "cpu", "fp32", hidden_size=256, trainable_params=5_230_001)["zero_optimization"]
+    whole = 5_230_080  # the trainable parameters, rounded up to a multiple of 512 (DeepSpeed asserts even buckets)
+    assert small_cpu["reduce_bucket_size"] == whole and small_cpu["allgather_bucket_size"] == whole
+    assert small_cpu["stage3_prefetch_bucket_size"] == int(0.9 * whole)
+    assert deepspeed_config(c, 2, "cpu", "fp32", hidden_size=256, trainable_params=1000)["zero_optimization"][
+        "reduce_bucket_size"] == 256**2  # never below hidden²
+    assert deepspeed_config(c, 2, "cpu", "fp32", hidden_size=768, trainable_params=124_000_000)["zero_optimization"][
+        "reduce_bucket_size"] == 5e7
     c2 = cfg("deepspeed.zero_stage=3", "deepspeed.extra={zero_optimization: {reduce_bucket_size: 123}}")
     assert deepspeed_config(c2, 2, "cuda", "bf16", hidden_size=256)["zero_optimization"]["reduce_bucket_size"] == 123
 
