@@ -150,7 +150,7 @@ def hf_training_args(cfg, args_class):
     lr * min_lr_ratio and clipping, on the CPU, nothing saved; its output_dir a fresh temp dir. It
     reads its dataset in order: build it with `our_order` to give it our batches."""
     t = cfg.train
-    return args_class(train_sampling_strategy="sequential", 
+    return args_class(train_sampling_strategy="sequential",
         output_dir=tempfile.mkdtemp(prefix="llmos-bench-hf-"), per_device_train_batch_size=t.micro_batch_size
         * t.num_workers, max_steps=t.max_steps, learning_rate=t.lr, warmup_steps=t.warmup_steps,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
