@@ -8,7 +8,7 @@
 `Engine` owns the model, the tokenizer and one scheduler thread. Requests join the running batch
 between two tokens (continuous batching): the newcomers' prompts are prefilled together with left
 padding, their KV cache is left-padded to the running one's length and concatenated on the batch
-axis, and finished rows leave the batch at once. Every row has its own sampling settings (greedy
+axis, and finished rows leave the batch at once (`kvcache`). Every row has its own sampling settings (greedy
 at temperature 0, temperature/top_p, seed, penalties, stop strings, max_tokens), so one batch
 mixes any requests (the next token per row: `sampling.sample`). The caller's event loop never runs
 model code. The Serve deployment that feeds it is `replica.ModelServer`.
@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable, Optional
 
 from llmos_ray.models import context_length, eos_token_ids
-from llmos_ray.serve import logprobs, structured
+from llmos_ray.serve import kvcache, logprobs, structured
 from llmos_ray.serve.loading import load_model
 from llmos_ray.serve.prompting import prepare
 from llmos_ray.serve.sampling import is_greedy, sample
@@ -274,18 +274,10 @@ class Engine:
 
     def _join(self, new: list[_Row], cache, mask) -> None:
         """Add freshly prefilled rows (their cache and mask) to the running batch."""
-        import torch
-        import torch.nn.functional as F
-
         if not self._rows:
             self._rows, self._cache, self._mask = list(new), cache, mask
         else:
-            width = max(self._mask.shape[1], mask.shape[1])
-            for a, b in zip(self._cache.layers, cache.layers):
-                a.keys = torch.cat([_left_pad(a.keys, width), _left_pad(b.keys, width)])
-                a.values = torch.cat([_left_pad(a.values, width), _left_pad(b.values, width)])
-            self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
-                                    F.pad(mask, (width - mask.shape[1], 0))])
+            self._cache, self._mask = kvcache.join(self._cache, self._mask, cache, mask)
             self._rows = self._rows + list(new)
         for r in self._rows:
             r.max_batch = max(r.max_batch, len(self._rows))
@@ -301,15 +293,8 @@ class Engine:
             self._rows, self._cache, self._mask = [], None, None
             return
         index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask.index_select(0, index)
+        self._cache, self._mask = kvcache.keep(self._cache, self._mask, index, trim=self._mergeable)
         self._rows = [self._rows[i] for i in keep]
-        if self._mergeable:
-            first = int(self._mask.any(dim=0).nonzero()[0])
-            if first > 0:
-                for layer in self._cache.layers:
-                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-                self._mask = self._mask[:, first:]
 
     def _advance(self, rows: list[_Row], logits) -> None:
         """Sample and accept the next token of every row; a row that fails ends alone."""
@@ -402,24 +387,11 @@ class Engine:
             ids = torch.tensor([[self.pad_id]], device=self.device)
             out = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids))
         self.vocab_size = out.logits.shape[-1]  # the head's size (may exceed the tokenizer's)
-        try:
-            from transformers.cache_utils import DynamicLayer
-
-            layers = getattr(out.past_key_values, "layers", None)
-            mergeable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-        except ImportError:
-            mergeable = False
+        mergeable = kvcache.mergeable(out.past_key_values)
         if not mergeable:
             log.warning("model %s: its KV cache type cannot be merged; requests are batched only when they "
                         "arrive together", self.name)
         return mergeable
-
-
-def _left_pad(x, width: int):
-    """Left-pad a (batch, heads, time, dim) cache tensor with zeros to `width` time steps."""
-    import torch.nn.functional as F
-
-    return x if x.shape[-2] == width else F.pad(x, (0, 0, width - x.shape[-2], 0))
 
 
 def _safe_length(text: str, stops: list[str]) -> int:
