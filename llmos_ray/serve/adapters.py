@@ -70,7 +70,7 @@ def read_adapter(path: str) -> AdapterFiles:
     with open(os.path.join(path, "adapter_config.json")) as f:
         config = json.load(f)
     if config.get("peft_type") != "LORA":
-        raise ModelError(f"{path} is a {config.get('peft_type')} adapter; only LoRA adapters are served on a shared base")
+        raise ModelError(f"{path} is a {config.get('peft_type')} adapter; only LoRA adapters share a base")
     for key, neutral in NEUTRAL.items():
         if config.get(key) not in neutral:
             raise ModelError(f"LoRA adapter {path} sets {key}={config[key]!r}, which a shared base cannot apply as a "
