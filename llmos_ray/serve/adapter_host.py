@@ -33,6 +33,12 @@ from llmos_ray.storage import localize
 log = logging.getLogger(__name__)
 
 
+def fetch(uri: str, load_id: Optional[str] = None) -> str:
+    """A local directory of adapter `uri`: a remote one is downloaded once per runtime load (`load_id`: a
+    fresh copy, whatever an earlier load of the same URI left in the cache), a configured one once."""
+    return localize(uri, "models" if load_id is None else f"adapters/{load_id}")
+
+
 class AdapterView:
     """The engine as one adapter's requests see it (`prompting.prepare`, /tokenize, structured output):
     its context, vocabulary and limits under the adapter's served name, with the adapter's tokenizer (its
@@ -82,11 +88,12 @@ class HostedAdapters:
         self._table = None
         self._follower: Optional[asyncio.Task] = None
         for name, uri in configured.items():
-            self._load_now(AdapterRef(name, uri, name))
+            self._load_now(AdapterRef(name, uri, name), runtime=False)
+        self.follow(now=True)
 
-    def _load_now(self, ref: AdapterRef) -> None:
+    def _load_now(self, ref: AdapterRef, runtime: bool = True) -> None:
         """Read, check and add one adapter (blocking: a thread's work)."""
-        local = localize(ref.uri)
+        local = fetch(ref.uri, ref.id if runtime else None)
         files = read_adapter(local)
         view = adapter_view(self.engine, ref.name, local)
         self.engine.add_adapter(ref.id, files)
@@ -147,13 +154,34 @@ class HostedAdapters:
             self._table = adapter_table(self.table_name)
         return self._table
 
-    def follow(self) -> None:
-        """Start following the adapter table (once, on the replica's event loop)."""
-        if self._follower is None and self.table_name is not None:
-            self._follower = asyncio.get_running_loop().create_task(self._follow())
-
-    async def _follow(self) -> None:
+    def follow(self, now: bool = False) -> None:
+        """Follow the adapter table from now on (once; on the replica's event loop, not outside one); `now`:
+        first load the runtime adapters it already holds for this deployment (when the replica starts)."""
+        if self._follower is not None or self.table_name is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
         seen = None
+        if now:
+            import ray
+
+            try:
+                seen, records = ray.get(self._table_of().changes.remote(None, None, 0), timeout=30)
+            except Exception as e:  # noqa: BLE001 - the follower below keeps asking
+                log.warning("model %s: the adapter table did not answer (%s)", self.engine.name, e)
+                records = {}
+            for r in records.values():
+                if r["host"] == self.host:
+                    try:
+                        self._load_now(AdapterRef(r["name"], r["uri"], r["id"]))
+                        self.runtime.add(r["id"])
+                    except Exception:  # noqa: BLE001 - loaded when a request names it, or logged then
+                        log.exception("model %s: LoRA adapter %s cannot be loaded", self.engine.name, r["name"])
+        self._follower = loop.create_task(self._follow(seen))
+
+    async def _follow(self, seen: Optional[tuple]) -> None:
         while True:
             try:
                 seen, records = await self._table_of().changes.remote(seen)

@@ -2,18 +2,21 @@
 that every ingress replica and every model replica of the application follows.
 
     table = adapter_table(name)                              # finds or starts it (any replica may be first)
-    version, records = await table.changes.remote(seen)      # a long poll: returns once the table is not
+    version, records = await table.changes.remote(seen, me)  # a long poll: returns once the table is not
                                                              # at version `seen` any more (or after WAIT_S)
     why = await table.add.remote(record, replace=False)      # None, or why not (the name is taken)
     record = await table.remove.remote(name)                 # the record removed, or None
+    await table.settled.remote()                             # [] once every ingress replica has the latest
     await table.current.remote(adapter_id)                   # whether that load is still in the table
 
 A record is {name, uri, base, host, id}: the served name, where the adapter is read from, its base,
 the deployment that holds it and an id unique to the load (a name loaded again under another path is
 another adapter). Ingress replicas keep a copy of the records (`dispatch.ServedModels`) and model
-replicas the adapters of their own deployment (`adapter_host.HostedAdapters`), each by a long poll
-of `changes`, so a load or an unload reaches every replica in about one round trip, and a replica
-that starts later (a restart, autoscaling) starts from the whole table.
+replicas the adapters of their own deployment (`adapter_host.HostedAdapters`): each reads the whole
+table when it starts (a restart, autoscaling) and then follows it by a long poll of `changes`, so a
+load or an unload reaches every replica in about one round trip. The load and unload routes answer
+once every ingress replica that follows the table (`me` names it) polled again at the new version
+(`settled`, at most SETTLE_S), so the next request sees the change whichever replica it reaches.
 
 Why an actor: a Serve handle reaches one replica of a deployment, never each of them, and a
 deployment's user_config changes only by redeploying the application. It is detached and named
@@ -38,6 +41,8 @@ WAIT_S = 30.0
 """How long one long poll of `changes` waits for a change."""
 IDLE_S = 300.0
 """The table ends itself after this long without a call (every follower polls at least every WAIT_S)."""
+SETTLE_S = 2.0
+"""How long `settled` waits at most for the followers to catch up (one that died is given up on)."""
 
 
 def table_name(app_name: str, instance: str) -> str:
@@ -54,6 +59,8 @@ class AdapterTable:
         self._last = time.monotonic()
         self._waiting = 0
         self._reaper: Optional[asyncio.Task] = None
+        self.followers: dict[str, tuple[tuple, float]] = {}
+        """Follower -> (the version it last asked from, when)."""
 
     def _touch(self) -> asyncio.Condition:
         self._last = time.monotonic()
@@ -67,9 +74,15 @@ class AdapterTable:
         async with self._touch():
             self._changed.notify_all()
 
-    async def changes(self, seen: Optional[tuple] = None, wait_s: float = WAIT_S) -> tuple[tuple, dict]:
-        """(version, records), once the table is not at version `seen` (at once if it is not), or after wait_s."""
+    async def changes(self, seen: Optional[tuple] = None, follower: Optional[str] = None,
+                      wait_s: float = WAIT_S) -> tuple[tuple, dict]:
+        """(version, records), once the table is not at version `seen` (at once if it is not), or after
+        wait_s; `follower` names an ingress replica that holds version `seen` (for `settled`)."""
         changed = self._touch()
+        if follower is not None:
+            self.followers[follower] = (tuple(seen or ()), time.monotonic())
+            async with changed:
+                changed.notify_all()
         if tuple(seen or ()) == self.version:
             self._waiting += 1
             try:
@@ -97,6 +110,21 @@ class AdapterTable:
         if record is not None:
             await self._bump()
         return record
+
+    async def settled(self, timeout_s: float = SETTLE_S) -> list[str]:
+        """Wait until every live follower asked from the current version; those that did not in time."""
+        changed = self._touch()
+
+        def behind() -> list[str]:
+            live = time.monotonic() - WAIT_S - 5.0
+            return [f for f, (v, when) in self.followers.items() if when > live and v != self.version]
+
+        try:
+            async with changed:
+                await asyncio.wait_for(changed.wait_for(lambda: not behind()), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        return behind()
 
     async def current(self, adapter_id: str) -> bool:
         self._touch()

@@ -4,14 +4,16 @@
     engine.generate("def main():", max_tokens=16, temperature=0).text    # blocking (tests, notebooks)
     ids, params, stop_ids = engine.prepare(GenerationRequest(...))        # what a replica does, then
     engine.submit(ids, params, sink, stop_ids)                            # `sink` receives Chunks
+    engine.add_adapter("sql", adapters.read_adapter(DIR)); engine.submit(..., adapter="sql")
 
 `Engine` owns the model, the tokenizer and one scheduler thread. Requests join the running batch
 between two tokens (continuous batching): the newcomers' prompts are prefilled together with left
 padding, their KV cache is left-padded to the running one's length and concatenated on the batch
-axis, and finished rows leave the batch at once (`kvcache`). Every row has its own sampling settings (greedy
-at temperature 0, temperature/top_p, seed, penalties, stop strings, max_tokens), so one batch
-mixes any requests (the next token per row: `sampling.sample`). The caller's event loop never runs
-model code. The Serve deployment that feeds it is `replica.ModelServer`.
+axis, and finished rows leave the batch at once (`kvcache`). Every row has its own sampling
+settings (greedy at temperature 0, temperature/top_p, seed, penalties, stop strings, max_tokens)
+and its own LoRA adapter, if any (`adapters.LoraSet`, added and removed between two steps), so one
+batch mixes any requests (the next token per row: `sampling.sample`). The caller's event loop never
+runs model code. The Serve deployment that feeds it is `replica.ModelServer`.
 
 Blast radius of one: whatever fails for one row (its sampling settings, its logits, decoding its
 text, its consumer) ends that request alone with an error Chunk (`_fail`) while the other rows
