@@ -423,6 +423,10 @@ class ServedModelOptions:
     up to max_tokens_limit."""
     engine: Literal["transformers", "vllm"] = "transformers"
     """Per model: generation engine; 'vllm' runs ray.serve.llm's vLLM deployment (GPU, vllm installed)."""
+    lora: Literal["shared", "merge"] = "shared"
+    """Per model: a LoRA adapter is served beside its base and the base's other adapters by one deployment that
+    holds the base once, rows of different adapters decoding in one batch ('shared'), or merged into its own copy
+    of the base in a deployment of its own ('merge': any peft adapter, the base's speed)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Per model: 'auto' uses a GPU when the replica has one."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

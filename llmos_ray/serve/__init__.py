@@ -1,4 +1,5 @@
-"""Serving: OpenAI-compatible and KServe v2 HTTP on Ray Serve, one deployment per model.
+"""Serving: OpenAI-compatible and KServe v2 HTTP on Ray Serve, one deployment per model (LoRA adapters
+beside their base on the base's deployment).
 
     import llmos_ray.serve
     handle = llmos_ray.serve.serve(cfg)      # cfg: Config (serve.models = dirs or registry names)
@@ -6,7 +7,7 @@
 
 A request's way through the modules:
 
-    build       build_app / emit_config: config -> spec per model (spec) -> the Serve application
+    build       build_app / emit_config: config -> spec per model, deployments (spec.hosts) -> the application
     ingress     the FastAPI routes (one Ingress deployment), each delegating to:
       middleware    request ids, API keys (keys), limits and the usage ledger (meter: quota, ledger),
                     body limit, request metrics, the error shape
@@ -15,9 +16,11 @@ A request's way through the modules:
       prompt_apps   ready-made prompt apps (/v1/apps)
       protocol      JSON bodies parsed and validated, OpenAI request models and response shapes, SSE
       dispatch      the served models seen from the ingress: retries, max_tokens cap, safety (safety)
-    replica     ModelServer: one model's Serve deployment, feeding
-      engine        the continuous-batching Engine (sampling: the next token per row)
-      loading       load_model: exports, hub ids, LoRA adapters, int8, device and dtype
+      lora          /v1/load_lora_adapter, /v1/unload_lora_adapter (adapter_table: the runtime adapters)
+    replica     ModelServer: one base model's Serve deployment, feeding
+      engine        the continuous-batching Engine (sampling: the next token per row; kvcache; rows)
+      adapter_host  the LoRA adapters a replica holds beside its base (adapters: the per-row deltas)
+      loading       load_model: exports, hub ids, merged LoRA adapters, int8, device and dtype
     types       what travels between ingress and replicas: GenerationRequest, Chunk, Result, APIError
     vllm        the optional vLLM engine (GPU), metrics   the Ray metrics both sides record
 """

@@ -1,5 +1,6 @@
-"""Building the Serve application: `build_app` (one deployment per model behind the ingress) and
-`emit_config` (a Serve config file that builds the same application).
+"""Building the Serve application: `build_app` (one deployment per model — LoRA adapters sharing their
+base's, `spec.hosts` — behind the ingress) and `emit_config` (a Serve config file that builds the
+same application).
 
     from llmos_ray.serve.build import build_app
     app = build_app(config)           # Config, ServeConfig, or a dict (see `as_config`)
@@ -14,6 +15,7 @@ bad name fails before any replica starts.
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any, Optional, Union
 
 from ray import serve
@@ -23,13 +25,14 @@ from llmos_ray.config import Config, ServeConfig, all_keys, from_dict, load_conf
 from llmos_ray.errors import ConfigError
 from llmos_ray.registry import registry_uri
 from llmos_ray.schema import set_dotted, yaml_value
+from llmos_ray.serve.adapter_table import table_name
 from llmos_ray.serve.classifier import classifier_deployment
 from llmos_ray.serve.ingress import IngressDeployment
 from llmos_ray.serve.keys import resolve_keys
 from llmos_ray.serve.ledger import default_url
 from llmos_ray.serve.replica import model_deployment
 from llmos_ray.serve.seq2seq import seq2seq_deployment
-from llmos_ray.serve.spec import _split, resolve_models
+from llmos_ray.serve.spec import _split, hosts, resolve_models
 from llmos_ray.serve.vllm import vllm_deployment
 
 IMPORT_PATH = "llmos_ray.serve.build:build_app"
@@ -74,18 +77,23 @@ def as_config(config: Union[Config, ServeConfig, dict, str, None]) -> Config:
 
 
 def build_app(config: Union[Config, ServeConfig, dict, str, None] = None):
-    """The Serve application: one deployment per model behind the HTTP ingress."""
+    """The Serve application: one deployment per model (LoRA adapters on a shared base: one per base)
+    behind the HTTP ingress."""
     cfg = as_config(config)
     specs = resolve_models(cfg)
+    s = cfg.serve
+    table = table_name(s.app_name, uuid.uuid4().hex[:8])  # this build's runtime adapters (adapter_table)
     handles = {}
+    for host in hosts(specs):
+        deployment = model_deployment(host, table)
+        handles.update({name: deployment for name in host.names})
     for spec in specs:
         if spec.task == "classification":
             handles[spec.name] = classifier_deployment(spec)
         elif spec.task == "seq2seq":
             handles[spec.name] = seq2seq_deployment(spec)
-        else:
-            handles[spec.name] = vllm_deployment(spec) if spec.engine == "vllm" else model_deployment(spec)
-    s = cfg.serve
+        elif spec.engine == "vllm":
+            handles[spec.name] = vllm_deployment(spec)
     keys = resolve_keys(s.api_keys, s.api_keys_file)  # only hashes go on: no secret in the Serve config
     limited = [k.name for k in keys if k.limited]
     if limited and not s.metering:
@@ -94,7 +102,7 @@ def build_app(config: Union[Config, ServeConfig, dict, str, None] = None):
     settings = {"keys": [k.to_dict() for k in keys], "max_request_bytes": s.max_request_bytes,
                 "retry_after_s": s.retry_after_s, "registry": registry_uri(cfg.registry.uri),
                 "apps_refresh_s": s.apps_refresh_s, "metering": s.metering, "app_name": s.app_name,
-                "ingress_replicas": s.ingress_replicas, "usage_db": usage_url(cfg)}
+                "ingress_replicas": s.ingress_replicas, "usage_db": usage_url(cfg), "adapter_table": table}
     ingress = serve.deployment(IngressDeployment).options(
         name="ingress", num_replicas=s.ingress_replicas, max_ongoing_requests=s.ingress_max_ongoing_requests,
         max_queued_requests=s.ingress_max_ongoing_requests,

@@ -12,12 +12,20 @@
 
 Replica failures map to APIErrors here: capacity -> 503 + Retry-After, a dead replica -> retried
 (RETRIES attempts) then 503, anything else -> 500, logged with the request id.
+
+A LoRA adapter on a shared base is a served name whose spec has an `adapter_id`: its requests go to
+its host deployment's handle with an AdapterRef (`GenerationRequest.adapter`, or `adapter=` for the
+other replica methods). Adapters loaded at run time join the names here as the application's adapter
+table says (`follow`: a long poll, so every ingress replica sees a load or unload in about one round
+trip); they take the per-model settings of the first model of their host (safety rules included).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -27,7 +35,7 @@ from llmos_ray.serve.middleware import RequestContext, current_request_id
 from llmos_ray.serve.protocol import SamplingFields
 from llmos_ray.serve.safety import OutputFilter, SafetyPolicy
 from llmos_ray.serve.spec import ModelSpec
-from llmos_ray.serve.types import APIError, GenerationRequest, Result, SamplingParams, bad_request
+from llmos_ray.serve.types import AdapterRef, APIError, GenerationRequest, Result, SamplingParams, bad_request
 from llmos_ray.serve.validation import shown
 
 log = logging.getLogger(__name__)
@@ -40,15 +48,29 @@ MAX_FANOUT = 64
 class ServedModels:
     """Names -> specs, deployment handles and safety policies; generation with retries and safety."""
 
-    def __init__(self, specs: list[dict[str, Any]], handles: dict[str, Any], retry_after_s: int):
+    def __init__(self, specs: list[dict[str, Any]], handles: dict[str, Any], retry_after_s: int,
+                 adapter_table: Optional[str] = None):
         self.specs = {s["name"]: ModelSpec(**s) for s in specs}
-        self.handles = handles
+        self.handles = dict(handles)
         self.retry_after_s = retry_after_s
         self.transformers = [n for n, s in self.specs.items() if s.engine == "transformers"]
         self._stream = {n: handles[n].options(method_name="generate_stream", stream=True) for n in self.transformers}
         self.safety = {name: SafetyPolicy.from_spec(spec) for name, spec in self.specs.items()}
         self.metrics = get_metrics()
         self._ready: set[str] = set()
+        self.configured = set(self.specs)
+        self.hosts = {s.host: handles[s.name] for s in self.specs.values() if s.host}
+        """Generation deployment name -> its handle."""
+        self._first = {}
+        self.bases: dict[str, ModelSpec] = {}
+        """Base model (its normalised URI) -> the first served model of a deployment that holds it shared."""
+        for spec in self.specs.values():
+            self._first.setdefault(spec.host, spec)
+            if spec.host and (spec.adapter_id or spec.base_uri is None):
+                self.bases.setdefault(normalised(spec.base_uri if spec.adapter_id else spec.uri), spec)
+        self.runtime: dict[str, dict[str, Any]] = {}
+        """Served name -> adapter table record, for the adapters loaded at run time."""
+        self.table_name, self._table, self._follower = adapter_table, None, None
 
     def get(self, name: Any, ctx: Optional[RequestContext] = None, param: str = "model",
             key: Optional[KeyRecord] = None) -> ModelSpec:
@@ -56,6 +78,7 @@ class ServedModels:
         A model the caller's key (`key`, else ctx.key) may not use is a 404 like a model that is not
         served: the message names only the models the key may use."""
         # Names are only ever dictionary keys here: a name is never turned into a path.
+        self.follow()
         key = key if key is not None or ctx is None else ctx.key
         if not isinstance(name, str) or name not in self.specs or (key is not None and not key.allows_model(name)):
             raise APIError(404, f"model {shown(name)} does not exist; served models: {', '.join(self.visible(key))}",
@@ -66,7 +89,80 @@ class ServedModels:
 
     def visible(self, key: Optional[KeyRecord]) -> list[str]:
         """The served models key `key` may use (all when None)."""
+        self.follow()
         return [n for n in self.specs if key is None or key.allows_model(n)]
+
+    # -- LoRA adapters on a shared base ----------------------------------------------------------
+
+    @staticmethod
+    def adapter_ref(spec: ModelSpec) -> Optional[AdapterRef]:
+        """What names `spec`'s adapter to its host's replicas (None: not an adapter on a shared base)."""
+        return AdapterRef(spec.name, spec.uri, spec.adapter_id) if spec.adapter_id else None
+
+    def table(self):
+        """The application's adapter table actor."""
+        from llmos_ray.serve.adapter_table import adapter_table
+
+        if self._table is None:
+            self._table = adapter_table(self.table_name)
+        return self._table
+
+    def add_runtime(self, record: dict[str, Any]) -> None:
+        """Serve a runtime adapter (an adapter table record) under its name, on its host."""
+        template, handle = self._first.get(record["host"]), self.hosts.get(record["host"])
+        if template is None or handle is None:
+            log.warning("adapter table names deployment %s, which this ingress does not know", record["host"])
+            return
+        name = record["name"]
+        self.specs[name] = spec = dataclasses.replace(template, name=name, uri=record["uri"], base_uri=record["base"],
+                                                      registry_entry=None, adapter_id=record["id"])
+        self.handles[name], self._stream[name] = handle, self._stream[template.name]
+        self.safety[name], self.runtime[name] = SafetyPolicy.from_spec(spec), record
+
+    def drop_runtime(self, name: str) -> None:
+        if self.runtime.pop(name, None) is not None:
+            for table in (self.specs, self.handles, self._stream, self.safety):
+                table.pop(name, None)
+
+    def sync(self, records: dict[str, dict[str, Any]]) -> None:
+        """Serve exactly the runtime adapters of the table's `records`."""
+        for name, record in list(self.runtime.items()):
+            if records.get(name, {}).get("id") != record["id"]:
+                self.drop_runtime(name)
+        for name, record in records.items():
+            if name not in self.runtime and name not in self.configured:
+                self.add_runtime(record)
+
+    def follow(self, now: bool = False) -> None:
+        """Follow the adapter table from now on (once; on this replica's event loop, not outside one);
+        `now`: read the whole table first, before this returns (when the ingress replica starts)."""
+        if self._follower is not None or self.table_name is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        seen = None
+        if now:
+            import ray
+
+            try:
+                seen, records = ray.get(self.table().changes.remote(None, None, 0), timeout=30)
+                self.sync(records)
+            except Exception as e:  # noqa: BLE001 - the follower below keeps asking
+                log.warning("the adapter table did not answer (%s); following it", e)
+        self._follower = loop.create_task(self._follow(seen))
+
+    async def _follow(self, seen: Optional[tuple]) -> None:
+        me = f"ingress-{os.getpid()}-{id(self)}"
+        while True:
+            try:
+                seen, records = await self.table().changes.remote(seen, me)
+            except Exception as e:  # noqa: BLE001 - the table restarting: ask again
+                log.warning("the adapter table did not answer (%s); retrying", e)
+                await asyncio.sleep(1.0)
+                continue
+            self.sync(records)
 
     @staticmethod
     def sampling_params(fields: SamplingFields, spec: ModelSpec, max_tokens: Optional[int],
@@ -178,14 +274,18 @@ class ServedModels:
 
     async def generate(self, spec: ModelSpec, gen: GenerationRequest) -> Result:
         """One non-streamed generation; a replica that died under it is retried on another one."""
-        return await self.call(spec, "generate", gen)
+        return await self._call(spec, "generate", dataclasses.replace(gen, adapter=self.adapter_ref(spec)))
 
     async def call(self, spec: ModelSpec, method: str, *args) -> Any:
-        """A method of a model's replica (generate, tokenize, embed ...); a replica that died under it
-        is retried on another one; an APIError it returns is raised."""
+        """A method of a model's replica (tokenize, embed ...; `adapter=` names a shared-base adapter); a
+        replica that died under it is retried on another one; an APIError it returns is raised."""
+        ref = self.adapter_ref(spec)
+        return await self._call(spec, method, *args, **({"adapter": ref} if ref is not None else {}))
+
+    async def _call(self, spec: ModelSpec, method: str, *args, **kwargs) -> Any:
         for attempt in range(RETRIES):
             try:
-                result = await getattr(self.handles[spec.name], method).remote(*args)
+                result = await getattr(self.handles[spec.name], method).remote(*args, **kwargs)
             except Exception as e:
                 await self._retry_or_raise(e, spec, attempt)
                 continue
@@ -196,6 +296,7 @@ class ServedModels:
 
     async def open_stream(self, spec: ModelSpec, gen: GenerationRequest):
         """(first chunk, the rest): errors before the first token still become HTTP errors."""
+        gen = dataclasses.replace(gen, adapter=self.adapter_ref(spec))
         for attempt in range(RETRIES):
             stream = self._stream[spec.name].remote(gen)
             try:
@@ -255,3 +356,8 @@ class ServedModels:
                                      return_exceptions=True)
         return {n: (s if not isinstance(s, BaseException) else {"error": str(s)})
                 for n, s in zip(self.transformers, snaps)}
+
+
+def normalised(uri: str) -> str:
+    """A model URI as bases are compared: local paths resolved, remote ones without a trailing '/'."""
+    return uri.rstrip("/") if "://" in uri else os.path.realpath(os.path.expanduser(uri))

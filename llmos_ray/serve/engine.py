@@ -4,14 +4,16 @@
     engine.generate("def main():", max_tokens=16, temperature=0).text    # blocking (tests, notebooks)
     ids, params, stop_ids = engine.prepare(GenerationRequest(...))        # what a replica does, then
     engine.submit(ids, params, sink, stop_ids)                            # `sink` receives Chunks
+    engine.add_adapter("sql", adapters.read_adapter(DIR)); engine.submit(..., adapter="sql")
 
 `Engine` owns the model, the tokenizer and one scheduler thread. Requests join the running batch
 between two tokens (continuous batching): the newcomers' prompts are prefilled together with left
 padding, their KV cache is left-padded to the running one's length and concatenated on the batch
-axis, and finished rows leave the batch at once. Every row has its own sampling settings (greedy
-at temperature 0, temperature/top_p, seed, penalties, stop strings, max_tokens), so one batch
-mixes any requests (the next token per row: `sampling.sample`). The caller's event loop never runs
-model code. The Serve deployment that feeds it is `replica.ModelServer`.
+axis, and finished rows leave the batch at once (`kvcache`). Every row has its own sampling
+settings (greedy at temperature 0, temperature/top_p, seed, penalties, stop strings, max_tokens)
+and its own LoRA adapter, if any (`adapters.LoraSet`, added and removed between two steps), so one
+batch mixes any requests (the next token per row: `sampling.sample`). The caller's event loop never
+runs model code. The Serve deployment that feeds it is `replica.ModelServer`.
 
 Blast radius of one: whatever fails for one row (its sampling settings, its logits, decoding its
 text, its consumer) ends that request alone with an error Chunk (`_fail`) while the other rows
@@ -23,6 +25,7 @@ batch itself fails the rows in it (the model failed, not one request); the engin
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import queue
@@ -31,9 +34,10 @@ import time
 from typing import Any, Callable, Optional
 
 from llmos_ray.models import context_length, eos_token_ids
-from llmos_ray.serve import logprobs, structured
+from llmos_ray.serve import kvcache, logprobs, structured
 from llmos_ray.serve.loading import load_model
 from llmos_ray.serve.prompting import prepare
+from llmos_ray.serve.rows import Row, safe_length
 from llmos_ray.serve.sampling import is_greedy, sample
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, SamplingParams, result_of
@@ -41,27 +45,6 @@ from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, Sa
 log = logging.getLogger(__name__)
 
 TURN_END_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
-
-
-class _Row:
-    """One sequence in the engine."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Chunk], None],
-                 stop_ids: frozenset[int]):
-        self.prompt_ids, self.params, self.sink, self.stop_ids = prompt_ids, params, sink, stop_ids
-        self.generated: list[int] = []
-        self.next_pos = len(prompt_ids)  # position id of the next token fed to the model
-        self.last_token: Optional[int] = None
-        self.text = ""
-        self.sent = 0
-        self.finish: Optional[str] = None
-        self.cancelled = False
-        self.generator = None
-        self.counts = None
-        self.max_batch = 0
-        self.max_stop = max((len(s) for s in params.stop), default=0)
-        self.logprobs, self.prompt_logprobs = [], None  # logprobs.TokenLogprob not yet sent (prompt's: once)
-        self.matcher = None  # structured.matcher of a constrained row
 
 
 class Engine:
@@ -83,12 +66,14 @@ class Engine:
                       "batch_sizes": collections.Counter(), "requests": 0}
         self._rng = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self._cond = threading.Condition()
-        self._waiting: collections.deque[_Row] = collections.deque()
-        self._rows: list[_Row] = []
-        self._admitting: list[_Row] = []
+        self._waiting: collections.deque[Row] = collections.deque()
+        self._rows: list[Row] = []
+        self._admitting: list[Row] = []
         self._cache = None
         self._mask = None
         self._closed = False
+        self.step_lock = threading.Lock()  # held by a step; adapters change between steps
+        self.adapters = None  # adapters.LoraSet, once a LoRA adapter is added beside the base
         self._mergeable = self._warmup()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -97,7 +82,8 @@ class Engine:
 
     @classmethod
     def load(cls, spec: ModelSpec) -> "Engine":
-        """Load the model of `spec` (LoRA adapters merged into their base; int8 if asked) and start."""
+        """Load the model of `spec` (a LoRA adapter merged into its base; int8 if asked) and start. Adapters
+        beside the base: `add_adapter`."""
         model, tokenizer, device = load_model(spec)
         return cls(model, tokenizer, name=spec.name, max_batch_size=spec.max_batch_size,
                    max_tokens_limit=spec.max_tokens_limit, device=device)
@@ -111,17 +97,26 @@ class Engine:
         return prepare(self, request, default_max_tokens)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Chunk], None],
-               stop_ids: Optional[frozenset[int]] = None) -> _Row:
-        """Queue one sequence; `sink` receives its Chunks from the scheduler thread."""
-        return self.submit_many([(prompt_ids, params, sink, stop_ids)])[0]
+               stop_ids: Optional[frozenset[int]] = None, adapter: Optional[str] = None) -> Row:
+        """Queue one sequence (decoded with LoRA adapter `adapter`, else the base); `sink` receives its
+        Chunks from the scheduler thread."""
+        return self.submit_many([(prompt_ids, params, sink, stop_ids, adapter)])[0]
 
-    def submit_many(self, items: list[tuple]) -> list[_Row]:
-        """Queue several sequences at once, so they are prefilled together."""
+    def submit_many(self, items: list[tuple]) -> list[Row]:
+        """Queue several sequences at once, so they are prefilled together: (prompt_ids, params, sink,
+        stop_ids[, adapter]) each; their rows, in order. A row whose adapter is not loaded (any more)
+        fails alone at once."""
         import torch
 
-        rows = []
-        for prompt_ids, params, sink, stop_ids in items:
-            row = _Row(prompt_ids, params, sink, self.eos_ids if stop_ids is None else stop_ids)
+        rows, gone = [], []
+        for prompt_ids, params, sink, stop_ids, *adapter in items:
+            row = Row(prompt_ids, params, sink, self.eos_ids if stop_ids is None else stop_ids)
+            rows.append(row)
+            if adapter and adapter[0] is not None:
+                row.slot = (self.adapters.names if self.adapters is not None else {}).get(adapter[0])
+                if row.slot is None:
+                    gone.append((row, adapter[0]))
+                    continue
             if not is_greedy(params):
                 row.generator = (torch.Generator(device=self.device).manual_seed(params.seed)
                                  if params.seed is not None else self._rng)
@@ -129,16 +124,44 @@ class Engine:
                 row.counts = torch.zeros(self.vocab_size, device=self.device)
             if params.grammar is not None:
                 row.matcher = structured.matcher(self, params.grammar)
-            rows.append(row)
         with self._cond:
             if self._closed:
                 raise APIError(503, f"model {self.name!r} is shutting down", code="model_unavailable")
-            self._waiting.extend(rows)
+            self._waiting.extend(r for r in rows if all(r is not g for g, _ in gone))
             self.stats["requests"] += len(rows)
             self._cond.notify()
+        for row, name in gone:
+            self._fail(row, f"LoRA adapter {name!r} is not loaded in model {self.name!r}")
         return rows
 
-    def cancel(self, row: _Row) -> None:
+    def add_adapter(self, name: str, files) -> int:
+        """Put LoRA adapter `name` (`adapters.read_adapter`'s files) beside the base and its other adapters,
+        between two steps; its slot. ModelError when it does not fit the base."""
+        from llmos_ray.serve.adapters import LoraSet
+
+        with self.step_lock:
+            if self.adapters is None:
+                self.adapters = LoraSet(self.model)
+            with self._cond:
+                busy = {r.slot for r in self._rows + self._admitting + list(self._waiting)}
+            return self.adapters.add(name, files, busy)
+
+    def remove_adapter(self, name: str) -> bool:
+        """Take LoRA adapter `name` out of use (False: it was not loaded); rows admitted with it finish with it."""
+        with self.step_lock:
+            if self.adapters is None or name not in self.adapters.names:
+                return False
+            self.adapters.remove(name)
+            return True
+
+    def adapted(self, rows: list):
+        """The context in which a forward pass gives each row (a Row, or a slot) its LoRA adapter."""
+        slots = [r if r is None or isinstance(r, int) else r.slot for r in rows]
+        if self.adapters is None or all(s is None for s in slots):
+            return contextlib.nullcontext()
+        return self.adapters.rows(slots)
+
+    def cancel(self, row: Row) -> None:
         """Stop generating for `row` (its consumer went away); it leaves the batch at the next step."""
         row.cancelled = True
 
@@ -200,20 +223,23 @@ class Engine:
                 row = self._waiting.popleft()
                 if not row.cancelled:
                     new.append(row)
-        if new:
-            self._admitting = new  # failed by the loop if joining them to the batch raises
-            self._admit(new)
-            self._admitting = []
-        if self._rows:
-            self._decode()
+        with self.step_lock:
+            if new:
+                self._admitting = new  # failed by the loop if joining them to the batch raises
+                self._admit(new)
+                self._admitting = []
+            if self._rows:
+                self._decode()
         return True
 
-    def _forward(self, all_logits: bool = False, **kwargs):
+    def _forward(self, rows: list = (), all_logits: bool = False, **kwargs):
+        """The model's forward pass over `rows` (each with its LoRA adapter, if any)."""
         if self._logits_to_keep and not all_logits:
             kwargs["logits_to_keep"] = 1
-        return self.model(use_cache=True, **kwargs)
+        with self.adapted(list(rows)):
+            return self.model(use_cache=True, **kwargs)
 
-    def _admit(self, new: list[_Row]) -> None:
+    def _admit(self, new: list[Row]) -> None:
         """Prefill the newcomers together and join them to the running batch. A prefill that
         raises is retried row by row, so the row that breaks it fails alone; the running rows never
         see it (their cache is joined only after a prefill succeeded)."""
@@ -239,7 +265,7 @@ class Engine:
         self.stats["generated_tokens"] += len(go)
         self._retire()
 
-    def _prefill(self, new: list[_Row]):
+    def _prefill(self, new: list[Row]):
         """The forward pass over the newcomers' prompts (left-padded): (model output, attention mask)."""
         import torch
 
@@ -250,7 +276,8 @@ class Engine:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        out = self._forward(rows=new, input_ids=ids, attention_mask=mask,
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                             all_logits=any(r.params.prompt_logprobs is not None for r in new))
         return out, mask
 
@@ -261,7 +288,8 @@ class Engine:
         ids = torch.tensor([[r.last_token] for r in rows], device=self.device)
         pos = torch.tensor([[r.next_pos] for r in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self._cache)
+        out = self._forward(rows=rows, input_ids=ids, attention_mask=mask, position_ids=pos,
+                            past_key_values=self._cache)
         self._cache, self._mask = out.past_key_values, mask
         for r in rows:
             r.next_pos += 1
@@ -272,20 +300,12 @@ class Engine:
         self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(rows))
         self._retire()
 
-    def _join(self, new: list[_Row], cache, mask) -> None:
+    def _join(self, new: list[Row], cache, mask) -> None:
         """Add freshly prefilled rows (their cache and mask) to the running batch."""
-        import torch
-        import torch.nn.functional as F
-
         if not self._rows:
             self._rows, self._cache, self._mask = list(new), cache, mask
         else:
-            width = max(self._mask.shape[1], mask.shape[1])
-            for a, b in zip(self._cache.layers, cache.layers):
-                a.keys = torch.cat([_left_pad(a.keys, width), _left_pad(b.keys, width)])
-                a.values = torch.cat([_left_pad(a.values, width), _left_pad(b.values, width)])
-            self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
-                                    F.pad(mask, (width - mask.shape[1], 0))])
+            self._cache, self._mask = kvcache.join(self._cache, self._mask, cache, mask)
             self._rows = self._rows + list(new)
         for r in self._rows:
             r.max_batch = max(r.max_batch, len(self._rows))
@@ -301,17 +321,10 @@ class Engine:
             self._rows, self._cache, self._mask = [], None, None
             return
         index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask.index_select(0, index)
+        self._cache, self._mask = kvcache.keep(self._cache, self._mask, index, trim=self._mergeable)
         self._rows = [self._rows[i] for i in keep]
-        if self._mergeable:
-            first = int(self._mask.any(dim=0).nonzero()[0])
-            if first > 0:
-                for layer in self._cache.layers:
-                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-                self._mask = self._mask[:, first:]
 
-    def _advance(self, rows: list[_Row], logits) -> None:
+    def _advance(self, rows: list[Row], logits) -> None:
         """Sample and accept the next token of every row; a row that fails ends alone."""
         if not rows:
             return
@@ -327,7 +340,7 @@ class Engine:
             except Exception as e:  # e.g. the tokenizer cannot decode the row's tokens
                 self._fail(row, f"{type(e).__name__}: {e}")
 
-    def _accept(self, row: _Row, token: int, scored: Optional[logprobs.TokenLogprob] = None) -> None:
+    def _accept(self, row: Row, token: int, scored: Optional[logprobs.TokenLogprob] = None) -> None:
         """Append a sampled token to `row`, find stops, and emit the text that is safe to show."""
         p = row.params
         if token in row.stop_ids and not p.ignore_eos and len(row.generated) >= p.min_tokens:
@@ -351,13 +364,13 @@ class Engine:
             finish = "length"
         self._emit(row, finish)
 
-    def _emit(self, row: _Row, finish: Optional[str]) -> None:
+    def _emit(self, row: Row, finish: Optional[str]) -> None:
         text = row.text
         if finish is not None:
             row.finish = finish
             safe = len(text)
         else:
-            safe = _safe_length(text, row.params.stop)
+            safe = safe_length(text, row.params.stop)
         delta = text[row.sent:safe] if safe > row.sent else ""
         row.sent = max(row.sent, safe)
         if delta or finish:
@@ -365,7 +378,7 @@ class Engine:
                                   logprobs=row.logprobs, prompt_logprobs=row.prompt_logprobs))
             row.logprobs, row.prompt_logprobs = [], None
 
-    def _send(self, row: _Row, chunk: Chunk) -> None:
+    def _send(self, row: Row, chunk: Chunk) -> None:
         """Give `chunk` to the row's consumer; a consumer that raises is gone: the row is cancelled."""
         if row.cancelled:
             return
@@ -375,7 +388,7 @@ class Engine:
             log.exception("model %s: the consumer of a request failed; the request is cancelled", self.name)
             row.cancelled = True
 
-    def _fail(self, row: _Row, message: str) -> None:
+    def _fail(self, row: Row, message: str) -> None:
         """End one request with an error Chunk; the rest of the batch goes on."""
         log.warning("model %s: one request failed and ends alone, the batch goes on: %s", self.name, message)
         row.finish = "error"
@@ -402,38 +415,11 @@ class Engine:
             ids = torch.tensor([[self.pad_id]], device=self.device)
             out = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids))
         self.vocab_size = out.logits.shape[-1]  # the head's size (may exceed the tokenizer's)
-        try:
-            from transformers.cache_utils import DynamicLayer
-
-            layers = getattr(out.past_key_values, "layers", None)
-            mergeable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-        except ImportError:
-            mergeable = False
+        mergeable = kvcache.mergeable(out.past_key_values)
         if not mergeable:
             log.warning("model %s: its KV cache type cannot be merged; requests are batched only when they "
                         "arrive together", self.name)
         return mergeable
-
-
-def _left_pad(x, width: int):
-    """Left-pad a (batch, heads, time, dim) cache tensor with zeros to `width` time steps."""
-    import torch.nn.functional as F
-
-    return x if x.shape[-2] == width else F.pad(x, (0, 0, width - x.shape[-2], 0))
-
-
-def _safe_length(text: str, stops: list[str]) -> int:
-    """How much of `text` can be shown: hold back an incomplete UTF-8 character and any tail that
-    could be the start of a stop string."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[:end].endswith(s[:k]):
-                end -= k
-                break
-    return end
 
 
 def collect_sync(chunks: "queue.Queue[Chunk]", t0: float) -> Result:

@@ -8,6 +8,8 @@
     /tokenize, /detokenize           tokens.TokenRoutes (vLLM's shapes)
     /v1/stats                        the engines' counters (dispatch.ServedModels.stats)
     /v1/usage, /v1/admin/usage       the usage ledger: the caller's own, everyone's (an admin key)
+    /v1/load_lora_adapter,           lora.LoraRoutes: LoRA adapters added and removed at run time (vLLM's
+    /v1/unload_lora_adapter          shapes; an admin key when keys are configured)
     /v1/apps, /v1/apps/{app}         prompt_apps (apps from the app store, app_store.AppCatalog)
     /v1/classify                     classify.ClassifyRoutes (classifier models)
     /v2/...                          kserve.KServeRoutes (probes under /v2/health need no key)
@@ -37,6 +39,7 @@ from llmos_ray.serve.dispatch import ServedModels
 from llmos_ray.serve.embeddings import EmbeddingRequest, EmbeddingRoutes
 from llmos_ray.serve.keys import KeyRecord
 from llmos_ray.serve.kserve import GenerateBody, InferBody, KServeRoutes
+from llmos_ray.serve.lora import LoadLoraAdapterRequest, LoraRoutes, UnloadLoraAdapterRequest
 from llmos_ray.serve.meter import Meter, usage_report
 from llmos_ray.serve.middleware import Guard, context, install, metered, request_body
 from llmos_ray.serve.openai import CHAT, COMPLETIONS, OpenAIRoutes
@@ -51,6 +54,8 @@ REQUEST_MODELS: dict[str, type] = {
     "/v1/embeddings": EmbeddingRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
+    "/v1/load_lora_adapter": LoadLoraAdapterRequest,
+    "/v1/unload_lora_adapter": UnloadLoraAdapterRequest,
     **{f"/v1/apps/{name}": prompt_apps.request_model(app) for name, app in builtin_apps().items()},
     "/v2/models/{name}/infer": InferBody,
     "/v2/models/{name}/versions/{version}/infer": InferBody,
@@ -71,12 +76,14 @@ class Ingress:
         meter = (Meter(settings["app_name"], settings["usage_db"], settings.get("ingress_replicas", 1))
                  if settings.get("metering") else None)
         self.guard = Guard(keys, settings["max_request_bytes"], meter)
-        self.models = ServedModels(specs, handles, settings["retry_after_s"])
+        self.models = ServedModels(specs, handles, settings["retry_after_s"], settings.get("adapter_table"))
+        self.models.follow(now=True)  # the runtime LoRA adapters, before the first request
         self.openai = OpenAIRoutes(self.models)
         self.kserve = KServeRoutes(self.models)
         self.classify = ClassifyRoutes(self.models)
         self.tokens = TokenRoutes(self.models)
         self.embeddings = EmbeddingRoutes(self.models)
+        self.lora = LoraRoutes(self.models, self.guard, settings.get("registry"))
         self.apps = AppCatalog(settings.get("registry"), settings.get("apps_refresh_s", 2.0))
         log.info("ingress for models %s; API keys %s; metering %s", list(self.models.specs),
                  "required" if keys else "not required", "on" if meter else "off")
@@ -118,6 +125,14 @@ class Ingress:
     @api.post("/detokenize", dependencies=metered("detokenize"))
     async def detokenize(self, request: Request, body: bytes = Depends(request_body)) -> Response:
         return await self.tokens.detokenize(body, context(request))
+
+    @api.post("/v1/load_lora_adapter", dependencies=metered("load_lora_adapter", limited=False))
+    async def load_lora_adapter(self, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.lora.load(body, context(request))
+
+    @api.post("/v1/unload_lora_adapter", dependencies=metered("unload_lora_adapter", limited=False))
+    async def unload_lora_adapter(self, request: Request, body: bytes = Depends(request_body)) -> Response:
+        return await self.lora.unload(body, context(request))
 
     # -- stats and prompt apps ---------------------------------------------------------------
 

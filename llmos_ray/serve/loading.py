@@ -4,9 +4,10 @@
     model, tokenizer, device = load_model(ModelSpec(name="m", uri="runs/x/export"))
 
 The source is a local or remote (fsspec) export, a hub id, or a LoRA adapter, which is merged
-onto its base. The device and dtype follow the spec ('auto': a GPU if this process sees one,
-bfloat16 there when supported, float32 on CPU); `quantize: int8` applies dynamic quantization
-on CPU. Evaluation loads its models through here too.
+onto its base (serve.lora=merge, evaluation, the SDK; adapters on a shared base are
+`adapters.LoraSet`'s, beside an unmerged base). The device and dtype follow the spec ('auto': a
+GPU if this process sees one, bfloat16 there when supported, float32 on CPU); `quantize: int8`
+applies dynamic quantization on CPU. Evaluation loads its models through here too.
 """
 
 from __future__ import annotations

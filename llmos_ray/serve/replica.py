@@ -1,9 +1,14 @@
-"""The Ray Serve deployment of one model: `ModelServer` (an Engine fed by @serve.batch admissions)
-and `model_deployment(spec)`, which binds it with the spec's replicas, autoscaling and capacity.
+"""The Ray Serve deployment of one base model: `ModelServer` (an Engine fed by @serve.batch admissions,
+with the LoRA adapters it holds beside the base: `adapter_host`) and `model_deployment(host)`, which
+binds it with the host's replicas, autoscaling and capacity.
 
-    handle = model_deployment(spec)     # a bound deployment; the ingress calls, per request,
+    handle = model_deployment(host, table)    # a bound deployment; the ingress calls, per request,
     await handle.generate.remote(GenerationRequest(...))          # -> Result | APIError
     async for chunk in handle.options(stream=True).generate_stream.remote(...)   # -> Chunk | APIError
+    await handle.load_adapter.remote(AdapterRef(...))             # -> None | APIError (runtime LoRA)
+
+A request's `adapter` (an AdapterRef, set by the ingress for a served adapter's name) picks the adapter
+its rows decode with; rows of different adapters and of the base decode in one batch.
 
 `@serve.batch` (max_batch_size, batch_wait_timeout_s) groups concurrent arrivals into one admission
 to the engine; each request then streams `Chunk`s back as they are decoded. A client's mistake
@@ -22,25 +27,28 @@ from typing import Any, AsyncIterator, Optional, Union
 from ray import serve
 
 from llmos_ray.serve import embeddings, logprobs, prompting
+from llmos_ray.serve.adapter_host import HostedAdapters
 from llmos_ray.serve.engine import Engine
 from llmos_ray.serve.loading import cluster_has_gpus
 from llmos_ray.serve.metrics import get_metrics
-from llmos_ray.serve.spec import ModelSpec
-from llmos_ray.serve.types import APIError, Chunk, GenerationRequest, Result, result_of
+from llmos_ray.serve.spec import Host, ModelSpec
+from llmos_ray.serve.types import AdapterRef, APIError, Chunk, GenerationRequest, Result, result_of
 
 log = logging.getLogger(__name__)
 
 
 class ModelServer:
-    """One model's replica: an Engine fed by @serve.batch admissions. Built into a deployment by
-    `model_deployment(spec)`."""
+    """One base model's replica: an Engine fed by @serve.batch admissions, and the LoRA adapters beside
+    the base (`adapters`: served name -> URI, configured; runtime ones followed in the adapter table
+    `table`). Built into a deployment by `model_deployment(host)`."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, adapters: Optional[dict[str, str]] = None, table: Optional[str] = None):
         import torch
 
         self.spec = ModelSpec(**spec)
         torch.set_num_threads(max(1, int(self.spec.num_cpus)))
         self.engine = Engine.load(self.spec)
+        self.adapters = HostedAdapters(self.engine, adapters or {}, table, self.spec.deployment_name)
         self.metrics = get_metrics()
         self._tags = {"model": self.spec.name}
         self._flusher: Optional[asyncio.Task] = None
@@ -92,25 +100,43 @@ class ModelServer:
             raise RuntimeError(f"the generation thread of model {self.spec.name!r} died")
 
     async def tokenize(self, prompt: Optional[str], messages: Optional[list], add_special_tokens: bool,
-                       add_generation_prompt: bool, token_strs: bool) -> Union[dict, APIError]:
+                       add_generation_prompt: bool, token_strs: bool,
+                       adapter: Optional[AdapterRef] = None) -> Union[dict, APIError]:
         """/tokenize in vLLM's shape."""
+        view = await self.adapters.view(adapter)
+        if isinstance(view, APIError):
+            return view
         try:
-            ids = prompting.tokenize(self.engine, prompt, messages, add_special_tokens, add_generation_prompt)
+            ids = prompting.tokenize(view, prompt, messages, add_special_tokens, add_generation_prompt)
         except APIError as e:
             return e
         return {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids,
                 "token_strs": logprobs.token_texts(self.engine.tokenizer, ids) if token_strs else None}
 
-    async def detokenize(self, ids: list[int]) -> Union[str, APIError]:
+    async def detokenize(self, ids: list[int], adapter: Optional[AdapterRef] = None) -> Union[str, APIError]:
+        view = await self.adapters.view(adapter)
+        if isinstance(view, APIError):
+            return view
         bad = next((t for t in ids if not 0 <= t < self.engine.vocab_size), None)
         if bad is not None:
             return APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {self.engine.vocab_size})",
                             param="tokens", code="invalid_value")
-        return self.engine.tokenizer.decode(ids)
+        return view.tokenizer.decode(ids)
 
-    async def embed(self, inputs: list) -> Union[tuple[list[list[float]], int], APIError]:
-        """(unit-length embeddings, tokens read) of texts or token-id lists (`embeddings.embed`)."""
-        e, batches = self.engine, []
+    async def load_adapter(self, ref: AdapterRef) -> Optional[APIError]:
+        """Load a runtime LoRA adapter here (the ingress asks one replica; the others follow the table)."""
+        return await self.adapters.load(ref)
+
+    async def unload_adapter(self, adapter_id: str) -> bool:
+        return self.adapters.unload(adapter_id)
+
+    async def embed(self, inputs: list, adapter: Optional[AdapterRef] = None
+                    ) -> Union[tuple[list[list[float]], int], APIError]:
+        """(unit-length embeddings, tokens read) of texts or token-id lists (`embeddings.embed`), through
+        the request's LoRA adapter if it names one."""
+        e, batches = await self.adapters.view(adapter), []
+        if isinstance(e, APIError):
+            return e
         try:
             for i, item in enumerate(inputs):
                 where = f"input.{i}" if len(inputs) > 1 else "input"
@@ -123,23 +149,36 @@ class ModelServer:
                 batches.append(ids)
         except APIError as err:
             return err
-        pooling, step = self.spec.embedding_pooling, self.spec.max_batch_size
+        pooling, step, slot = self.spec.embedding_pooling, self.spec.max_batch_size, self.adapters.slot(adapter)
         vectors = []
         for k in range(0, len(batches), step):  # a thread: the event loop and the engine go on
-            part = await asyncio.to_thread(embeddings.embed, e.model, batches[k:k + step], pooling, e.pad_id)
+            part = await asyncio.to_thread(self._embed, batches[k:k + step], pooling, slot)
             vectors += part.tolist()
         return vectors, sum(len(ids) for ids in batches)
 
-    def _prepare(self, request: GenerationRequest):
+    def _embed(self, batch: list[list[int]], pooling: str, slot: Optional[int]):
+        e = self.engine
+        if slot is None:  # the base alone runs beside the engine's steps
+            return embeddings.embed(e.model, batch, pooling, e.pad_id)
+        with e.step_lock, e.adapted([slot] * len(batch)):  # an adapter's deltas are changed between steps
+            return embeddings.embed(e.model, batch, pooling, e.pad_id)
+
+    async def _prepare(self, request: GenerationRequest):
+        """(prompt ids, params, stop ids, adapter id) of a request, checked against its model (the engine
+        or its adapter's view); raises APIError."""
+        view = await self.adapters.view(request.adapter)
+        if isinstance(view, APIError):
+            raise view
         default = self.spec.default_max_tokens if request.messages is None else None
-        return self.engine.prepare(request, default)
+        ids, params, stop_ids = prompting.prepare(view, request, default)
+        return ids, params, stop_ids, request.adapter.id if request.adapter is not None else None
 
     async def generate(self, request: GenerationRequest) -> Union[Result, APIError]:
         """The whole completion. A bad request comes back as an APIError value, not raised (no
         traceback in the replica log for a client's mistake)."""
         t0 = time.perf_counter()
         try:
-            ids, params, stop_ids = self._prepare(request)
+            ids, params, stop_ids, adapter = await self._prepare(request)
         except APIError as e:
             return e
         self._start_metrics()
@@ -155,7 +194,7 @@ class ModelServer:
             if chunk.finish_reason:
                 loop.call_soon_threadsafe(_resolve, done, chunk)
 
-        row = await self._admit((ids, params, sink, stop_ids))
+        row = await self._admit((ids, params, sink, stop_ids, adapter))
         try:
             last = await done
         finally:
@@ -176,7 +215,7 @@ class ModelServer:
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Union[Chunk, APIError]]:
         """Chunks as they are decoded (coalesced when the reader is slower than the model)."""
         try:
-            prepared = self._prepare(request)
+            prepared = await self._prepare(request)
         except APIError as e:
             yield e
             return
@@ -184,11 +223,12 @@ class ModelServer:
             yield chunk
 
     async def _chunks(self, prepared, coalesce: bool = False) -> AsyncIterator[Union[Chunk, APIError]]:
-        ids, params, stop_ids = prepared
+        ids, params, stop_ids, adapter = prepared
         self._start_metrics()
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        row = await self._admit((ids, params, lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c), stop_ids))
+        row = await self._admit((ids, params, lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c), stop_ids,
+                                 adapter))
         interval, sent_at = (self.spec.stream_interval_s if coalesce else 0.0), None
         try:
             while True:
@@ -258,6 +298,8 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
     return options
 
 
-def model_deployment(spec: ModelSpec):
-    """The bound Serve deployment of one model, with its autoscaling and capacity settings."""
-    return serve.deployment(ModelServer).options(**deployment_options(spec)).bind(spec.to_dict())
+def model_deployment(host: Host, table: Optional[str] = None):
+    """The bound Serve deployment of one base model and the adapters it holds (`spec.hosts`), with its
+    autoscaling and capacity settings; runtime adapters are followed in adapter table `table`."""
+    return serve.deployment(ModelServer).options(**deployment_options(host.spec)).bind(
+        host.spec.to_dict(), host.adapters, table)

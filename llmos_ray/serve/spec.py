@@ -1,7 +1,14 @@
-"""What to serve: `ServeConfig` + the registry -> one `ModelSpec` per served model.
+"""What to serve: `ServeConfig` + the registry -> one `ModelSpec` per served model, and the
+deployments that host them (`hosts`).
 
 Resolution happens where the application is built (the driver, or the Serve controller for
 `serve run`/`serve deploy`), so a bad name fails before any replica starts.
+
+A generation deployment (`Host`) holds one base model. A LoRA adapter (lora=shared, the default)
+is hosted by the deployment of a served model of its base with the same deployment settings
+(HOST_KEYS; the safety rules, applied per name by the ingress, may differ), else by one of its own
+with the other adapters of that base; the request's `model` picks the adapter, or the base. With
+lora=merge an adapter is merged into its own copy of the base in its own deployment.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ class ModelSpec(ServedModelOptions):
     task: str = "causal_lm"
     """What the model does (registry.model_task_of): 'causal_lm' (generation), 'seq2seq' (an encoder-decoder:
     source text -> target text) or 'classification'."""
+    host: str = ""
+    """The deployment that serves it (`hosts`; '' = its own, `deployment_name`)."""
+    adapter_id: Optional[str] = None
+    """A LoRA adapter on a shared base: its id in the host's replicas (a runtime load's is unique to that load)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -48,6 +59,59 @@ class ModelSpec(ServedModelOptions):
 
 
 PER_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ServedModelOptions))
+PER_NAME_KEYS = ("lora", "safety_input_blocklist", "safety_input_patterns", "safety_output_blocklist",
+                 "safety_output_patterns", "safety_max_output_chars")
+"""Per-model keys that may differ between the models of one deployment (the ingress applies them per name)."""
+HOST_KEYS = tuple(k for k in PER_MODEL_KEYS if k not in PER_NAME_KEYS)
+"""Per-model keys a base and its shared adapters must agree on to share a deployment: its replicas and engine."""
+
+
+@dataclass
+class Host:
+    """One generation deployment (transformers engine): a base model, the served names it answers and the
+    LoRA adapters it holds beside the base."""
+
+    spec: ModelSpec
+    """The model it loads (the base, or a merged adapter) with the deployment's settings; names the deployment."""
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Served name -> LoRA adapter URI, for the adapters on the shared base."""
+    names: list[str] = dataclasses.field(default_factory=list)
+    """Every served name it answers."""
+
+
+def hosts(specs: list[ModelSpec]) -> list[Host]:
+    """The deployments of the causal LMs on the transformers engine (others have their own, elsewhere):
+    one per model, except adapters with lora=shared, which join a served model of their base with the same
+    HOST_KEYS, else a deployment of their own base with the other such adapters. Sets each spec's `host`
+    and (shared adapters) `adapter_id`."""
+    out: list[Host] = []
+    by_base: dict[tuple, Host] = {}
+
+    def key(spec: ModelSpec, base: str) -> tuple:
+        return (base, tuple(getattr(spec, k) for k in HOST_KEYS))
+
+    generators = [s for s in specs if s.task == "causal_lm" and s.engine == "transformers"]
+    shared = [s for s in generators if s.base_uri is not None and s.lora == "shared"]
+    for spec in generators:
+        if any(spec is s for s in shared):
+            continue
+        out.append(Host(spec, names=[spec.name]))
+        if spec.base_uri is None:
+            by_base.setdefault(key(spec, spec.uri), out[-1])
+    for spec in shared:
+        host = by_base.get(key(spec, spec.base_uri))
+        if host is None:
+            base = dataclasses.replace(spec, uri=spec.base_uri, base_uri=None, registry_entry=None)
+            host = by_base[key(spec, spec.base_uri)] = Host(base)
+            out.append(host)
+        host.adapters[spec.name] = spec.uri
+        host.names.append(spec.name)
+        spec.adapter_id = spec.name
+    for host in out:
+        for spec in generators:
+            if spec.name in host.names:
+                spec.host = host.spec.deployment_name
+    return out
 
 
 def resolve_models(config: Config) -> list[ModelSpec]:

@@ -37,6 +37,18 @@ class SamplingParams:
     """Constrain decoding to this llguidance grammar (`structured`: response_format, forced tool calls)."""
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter on a shared base, as a request names it to the replica that holds the base."""
+
+    name: str
+    """The served name (what clients put in `model`)."""
+    uri: str
+    """Where it is read from: a local directory or fsspec URI."""
+    id: str
+    """Its id in the replicas: the served name for a configured adapter; unique to each runtime load."""
+
+
 @dataclass
 class GenerationRequest:
     """What the HTTP ingress sends a model replica: a prompt, chat messages or token ids."""
@@ -49,6 +61,8 @@ class GenerationRequest:
     """Return the prompt as text (Result.prompt_text) when it was given as token ids."""
     tools: Optional[list[dict[str, Any]]] = None
     """Tools shown to the model through its chat template (with `messages`)."""
+    adapter: Optional[AdapterRef] = None
+    """The LoRA adapter to decode with, on a shared base (None: the model itself)."""
 
 
 @dataclass

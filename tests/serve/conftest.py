@@ -1,4 +1,4 @@
-"""Serve fixtures: a LoRA adapter over the tiny model, free ports, and the package's one Serve app.
+"""Serve fixtures: two LoRA adapters over the tiny model, free ports, and the package's one Serve app.
 
 `server` (package scope) is one Serve app shared by test_hostile.py, test_http.py and
 test_metering.py, three models behind two ingress replicas (they share one usage meter; the
@@ -50,6 +50,23 @@ def lora_dir(tiny_model_dir, tmp_path_factory) -> str:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
     out = str(tmp_path_factory.mktemp("lora") / "adapter")
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_dir_b(tiny_model_dir, tmp_path_factory) -> str:
+    """A second adapter of the tiny model, unlike `lora_dir` in rank (8), targets (attention and both
+    projections) and scaling (rsLoRA): each changes the outputs its own way."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                        use_rslora=True, init_lora_weights=False)
+    out = str(tmp_path_factory.mktemp("lora_b") / "adapter")
     get_peft_model(model, config).save_pretrained(out)
     return out
 

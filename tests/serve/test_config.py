@@ -70,6 +70,25 @@ def test_models_resolve_from_paths_registry_and_adapters(tiny_model_dir, lora_di
     assert (specs["copy"].max_replicas, specs["copy"].quantize, specs["base-v1"].max_replicas) == (3, "int8", 1)
 
 
+def test_adapters_share_their_bases_deployment_unless_merged_or_set_up_otherwise(tiny_model_dir, lora_dir,
+                                                                                lora_dir_b):
+    from llmos_ray.serve.spec import hosts
+
+    cfg = load_config(None, {"serve.models": [f"tiny={tiny_model_dir}", f"a={lora_dir}", f"b={lora_dir_b}",
+                                              f"m={lora_dir}", f"c={lora_dir}", f"d={lora_dir_b}"],
+                             "serve.model_options": {
+                                 "a": {"safety_input_blocklist": ["x"]},  # applied per name: still shared
+                                 "m": {"lora": "merge"},
+                                 "c": {"max_batch_size": 4}, "d": {"max_batch_size": 4}}})
+    specs = {s.name: s for s in resolve_models(cfg)}
+    found = {h.spec.deployment_name: (h.spec.uri, h.names, h.adapters) for h in hosts(list(specs.values()))}
+    assert found == {"model-tiny": (tiny_model_dir, ["tiny", "a", "b"], {"a": lora_dir, "b": lora_dir_b}),
+                     "model-m": (lora_dir, ["m"], {}),  # merged into its own copy of the base
+                     "model-c": (tiny_model_dir, ["c", "d"], {"c": lora_dir, "d": lora_dir_b})}
+    assert [(specs[n].host, specs[n].adapter_id) for n in ("tiny", "a", "m", "d")] == [
+        ("model-tiny", None), ("model-tiny", "a"), ("model-m", None), ("model-c", "d")]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"serve.models": ["nope"]}, "neither a directory nor a name in the registry"),
     ({"serve.models": ["a=DIR", "a=DIR"]}, "both served as 'a'"),

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from llmos_ray.serve.engine import Engine, _safe_length, collect_sync
+from llmos_ray.serve.engine import Engine, collect_sync
 from llmos_ray.serve.loading import load_model
+from llmos_ray.serve.rows import safe_length
 from llmos_ray.serve.spec import ModelSpec
 from llmos_ray.serve.types import APIError, GenerationRequest, SamplingParams
 from tests.serve.reference import greedy, load
@@ -60,9 +61,9 @@ def test_stop_strings_and_holdback(engine, tiny_model_dir):
     stop = full[4:7]
     r = engine.generate(PROMPTS[0], max_tokens=16, temperature=0, stop=["zzzz", stop])
     assert (r.text, r.finish_reason) == (full[:full.find(stop)], "stop")
-    assert _safe_length("hello wor", ["world"]) == len("hello ")
-    assert _safe_length("abc\ufffd", []) == 3
-    assert _safe_length("abc", ["x"]) == 3
+    assert safe_length("hello wor", ["world"]) == len("hello ")
+    assert safe_length("abc\ufffd", []) == 3
+    assert safe_length("abc", ["x"]) == 3
 
 
 def test_limits_are_400s_naming_the_field(engine):
