@@ -230,6 +230,9 @@ def seq2seq_overrides(out_dir, name: str, *more: str) -> list[str]:
             "finetune.task=seq2seq", f"finetune.locale_root={empty}", f"finetune.task_prefix='{SEQ2SEQ_PREFIX}'",
             "finetune.max_source_len=48", "finetune.max_target_len=40", "model.size=tiny", "data.vocab_size=1000",
             "data.seq_len=64", "deepspeed.zero_stage=3", "train.num_workers=2", "train.micro_batch_size=8",
+            # half a CPU per worker: the fixture is first built by `pytest tests/serve` while the shared
+            # Serve app holds 2.5 of the session's 4 CPUs, where two 1-CPU workers would never be placed
+            "train.cpus_per_worker=0.5",
             "train.global_batch_size=16", f"train.max_steps={SEQ2SEQ_STEPS}", "train.lr=5e-3",
             "train.warmup_steps=4", f"train.log_every={SEQ2SEQ_LOG_EVERY}", f"train.eval_every={SEQ2SEQ_STEPS // 3}",
             "train.eval_batches=2", f"train.checkpoint_every={SEQ2SEQ_STEPS // 3}", "train.num_to_keep=null", *more]
