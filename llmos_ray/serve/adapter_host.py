@@ -21,10 +21,10 @@ import asyncio
 import json
 import logging
 import os
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from llmos_ray.errors import ModelError
-from llmos_ray.serve.adapter_table import adapter_table
+from llmos_ray.serve.adapter_table import TableFollower
 from llmos_ray.serve.adapters import read_adapter
 from llmos_ray.serve.engine import TURN_END_TOKENS, Engine
 from llmos_ray.serve.types import AdapterRef, APIError
@@ -85,8 +85,7 @@ class HostedAdapters:
         self.runtime: set[str] = set()
         """Ids of the runtime adapters loaded here."""
         self._loading: dict[str, asyncio.Future] = {}
-        self._table = None
-        self._follower: Optional[asyncio.Task] = None
+        self._follower = TableFollower(table, f"model {engine.name}")
         for name, uri in configured.items():
             self._load_now(AdapterRef(name, uri, name), runtime=False)
         self.follow(now=True)
@@ -134,7 +133,7 @@ class HostedAdapters:
         view = self.views.get(ref.id)
         if view is not None:
             return view
-        if self.table_name is None or not await self._table_of().current.remote(ref.id):
+        if self.table_name is None or not await self._follower.table().current.remote(ref.id):
             return APIError(404, f"model {ref.name!r} does not exist (its LoRA adapter was unloaded)", param="model",
                             code="model_not_found")
         error = await self.load(ref)
@@ -149,52 +148,27 @@ class HostedAdapters:
 
     # -- following the table -------------------------------------------------------------------
 
-    def _table_of(self):
-        if self._table is None:
-            self._table = adapter_table(self.table_name)
-        return self._table
-
     def follow(self, now: bool = False) -> None:
         """Follow the adapter table from now on (once; on the replica's event loop, not outside one); `now`:
         first load the runtime adapters it already holds for this deployment (when the replica starts)."""
-        if self._follower is not None or self.table_name is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        seen = None
-        if now:
-            import ray
+        self._follower.start(self._changed, self._load_all_now if now else None)
 
-            try:
-                seen, records = ray.get(self._table_of().changes.remote(None, None, 0), timeout=30)
-            except Exception as e:  # noqa: BLE001 - the follower below keeps asking
-                log.warning("model %s: the adapter table did not answer (%s)", self.engine.name, e)
-                records = {}
-            for r in records.values():
-                if r["host"] == self.host:
-                    try:
-                        self._load_now(AdapterRef(r["name"], r["uri"], r["id"]))
-                        self.runtime.add(r["id"])
-                    except Exception:  # noqa: BLE001 - loaded when a request names it, or logged then
-                        log.exception("model %s: LoRA adapter %s cannot be loaded", self.engine.name, r["name"])
-        self._follower = loop.create_task(self._follow(seen))
+    def _load_all_now(self, records: dict[str, dict[str, Any]]) -> None:
+        for r in records.values():
+            if r["host"] == self.host:
+                try:
+                    self._load_now(AdapterRef(r["name"], r["uri"], r["id"]))
+                    self.runtime.add(r["id"])
+                except Exception:  # noqa: BLE001 - loaded when a request names it, or logged then
+                    log.exception("model %s: LoRA adapter %s cannot be loaded", self.engine.name, r["name"])
 
-    async def _follow(self, seen: Optional[tuple]) -> None:
-        while True:
-            try:
-                seen, records = await self._table_of().changes.remote(seen)
-            except Exception as e:  # noqa: BLE001 - the table restarting: ask again
-                log.warning("model %s: the adapter table did not answer (%s); retrying", self.engine.name, e)
-                await asyncio.sleep(1.0)
-                continue
-            mine = {r["id"]: r for r in records.values() if r["host"] == self.host}
-            for adapter_id in self.runtime - set(mine):
-                self.unload(adapter_id)
-            for adapter_id, r in mine.items():
-                if adapter_id not in self.views:
-                    error = await self.load(AdapterRef(r["name"], r["uri"], adapter_id))
-                    if error is not None:
-                        log.error("model %s: LoRA adapter %s cannot be loaded here: %s", self.engine.name,
-                                  r["name"], error.message)
+    async def _changed(self, records: dict[str, dict[str, Any]]) -> None:
+        mine = {r["id"]: r for r in records.values() if r["host"] == self.host}
+        for adapter_id in self.runtime - set(mine):
+            self.unload(adapter_id)
+        for adapter_id, r in mine.items():
+            if adapter_id not in self.views:
+                error = await self.load(AdapterRef(r["name"], r["uri"], adapter_id))
+                if error is not None:
+                    log.error("model %s: LoRA adapter %s cannot be loaded here: %s", self.engine.name,
+                              r["name"], error.message)

@@ -140,6 +140,56 @@ class AdapterTable:
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
+class TableFollower:
+    """A replica's long poll of the adapter table `name` (None: the application has none), run on the
+    replica's event loop: `start(changed, first)` reads the whole table at once when `first` is given
+    and hands it to `first(records)` before it returns (a replica starting), then calls
+    `await changed(records)` after every change. Started once, and only inside an event loop (a
+    replica's __init__ may run outside one: it starts on the first call that has one)."""
+
+    def __init__(self, name: Optional[str], who: str, follower_id: Optional[str] = None):
+        self.name, self.who, self.follower_id = name, who, follower_id
+        """`who` names the replica in log lines; `follower_id` is given by the ingress replicas whose
+        version `settled` waits for."""
+        self._table = None
+        self._task: Optional[asyncio.Task] = None
+
+    def table(self):
+        """The table's actor handle."""
+        if self._table is None:
+            self._table = adapter_table(self.name)
+        return self._table
+
+    def start(self, changed, first=None) -> None:
+        if self._task is not None or self.name is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        seen = None
+        if first is not None:
+            import ray
+
+            try:
+                seen, records = ray.get(self.table().changes.remote(None, None, 0), timeout=30)
+            except Exception as e:  # noqa: BLE001 - the long poll below keeps asking
+                log.warning("%s: the adapter table did not answer (%s); following it", self.who, e)
+            else:
+                first(records)
+        self._task = loop.create_task(self._follow(seen, changed))
+
+    async def _follow(self, seen: Optional[tuple], changed) -> None:
+        while True:
+            try:
+                seen, records = await self.table().changes.remote(seen, self.follower_id)
+            except Exception as e:  # noqa: BLE001 - the table restarting: ask again
+                log.warning("%s: the adapter table did not answer (%s); retrying", self.who, e)
+                await asyncio.sleep(1.0)
+                continue
+            await changed(records)
+
+
 def adapter_table(name: str):
     """The actor named `name`, started if there is none."""
     import ray

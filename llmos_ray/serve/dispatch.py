@@ -29,6 +29,7 @@ import os
 import time
 from typing import Any, AsyncIterator, Optional
 
+from llmos_ray.serve.adapter_table import TableFollower
 from llmos_ray.serve.keys import KeyRecord
 from llmos_ray.serve.metrics import get_metrics
 from llmos_ray.serve.middleware import RequestContext, current_request_id
@@ -70,7 +71,8 @@ class ServedModels:
                 self.bases.setdefault(normalised(spec.base_uri if spec.adapter_id else spec.uri), spec)
         self.runtime: dict[str, dict[str, Any]] = {}
         """Served name -> adapter table record, for the adapters loaded at run time."""
-        self.table_name, self._table, self._follower = adapter_table, None, None
+        self.table_name = adapter_table
+        self._follower = TableFollower(adapter_table, "ingress", f"ingress-{os.getpid()}-{id(self)}")
 
     def get(self, name: Any, ctx: Optional[RequestContext] = None, param: str = "model",
             key: Optional[KeyRecord] = None) -> ModelSpec:
@@ -101,11 +103,7 @@ class ServedModels:
 
     def table(self):
         """The application's adapter table actor."""
-        from llmos_ray.serve.adapter_table import adapter_table
-
-        if self._table is None:
-            self._table = adapter_table(self.table_name)
-        return self._table
+        return self._follower.table()
 
     def add_runtime(self, record: dict[str, Any]) -> None:
         """Serve a runtime adapter (an adapter table record) under its name, on its host."""
@@ -136,33 +134,10 @@ class ServedModels:
     def follow(self, now: bool = False) -> None:
         """Follow the adapter table from now on (once; on this replica's event loop, not outside one);
         `now`: read the whole table first, before this returns (when the ingress replica starts)."""
-        if self._follower is not None or self.table_name is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        seen = None
-        if now:
-            import ray
+        self._follower.start(self._changed, self.sync if now else None)
 
-            try:
-                seen, records = ray.get(self.table().changes.remote(None, None, 0), timeout=30)
-                self.sync(records)
-            except Exception as e:  # noqa: BLE001 - the follower below keeps asking
-                log.warning("the adapter table did not answer (%s); following it", e)
-        self._follower = loop.create_task(self._follow(seen))
-
-    async def _follow(self, seen: Optional[tuple]) -> None:
-        me = f"ingress-{os.getpid()}-{id(self)}"
-        while True:
-            try:
-                seen, records = await self.table().changes.remote(seen, me)
-            except Exception as e:  # noqa: BLE001 - the table restarting: ask again
-                log.warning("the adapter table did not answer (%s); retrying", e)
-                await asyncio.sleep(1.0)
-                continue
-            self.sync(records)
+    async def _changed(self, records: dict[str, dict[str, Any]]) -> None:
+        self.sync(records)
 
     @staticmethod
     def sampling_params(fields: SamplingFields, spec: ModelSpec, max_tokens: Optional[int],
