@@ -307,8 +307,10 @@ def _setup_engine(worker: Worker, model, resume: Resume):
                                  load_universal=resume.method == "universal", trainable_params=trainable)
     optimizer = None
     if uses_client_optimizer(cfg, worker.device.type):
+        # fused: torch's one-kernel AdamW on CPU, what transformers' Trainer uses by default (adamw_torch_fused);
+        # the per-tensor loop took ~80 ms a step over t5-small's 9.6M-element ZeRO partition, fused ~5 ms
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                      betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+                                      betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay, fused=True)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
