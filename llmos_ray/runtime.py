@@ -214,6 +214,32 @@ def _route_worker_output() -> None:
     ray_worker.print_to_stdstream = print_raylet
 
 
+ACTOR_NAMESPACE = "llmos"
+"""The Ray namespace of our named actors (the usage meter, the adapter table)."""
+
+
+def detached_actor(cls, name: str, *args, **options):
+    """The detached actor `name` of class `cls` in ACTOR_NAMESPACE, started with `args` and the
+    actor `options` if there is none: any replica may be first, and two that start it at once
+    both get the one that won."""
+    import time
+
+    import ray
+
+    options = dict(name=name, namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+                   **options)
+    for attempt in range(5):
+        try:
+            return ray.remote(cls).options(**options).remote(*args)
+        except ValueError:  # two replicas created it at once: the other one won
+            time.sleep(0.2 * (attempt + 1))
+            try:
+                return ray.get_actor(name, namespace=ACTOR_NAMESPACE)
+            except ValueError:
+                continue
+    raise RuntimeError(f"actor {name} could not be started")
+
+
 def worker_resources(cpus_per_worker: float | None, num_workers: int, use_gpu: bool) -> dict:
     """CPUs per training worker. Unless the config fixes it: at most 1, and never so many that Ray Data
     is left without a CPU — on a 2-CPU machine 2 workers get 0.5 each. With a full CPU each, Ray

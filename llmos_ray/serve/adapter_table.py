@@ -34,9 +34,11 @@ import time
 import uuid
 from typing import Any, Optional
 
+from llmos_ray.runtime import ACTOR_NAMESPACE, detached_actor
+
 log = logging.getLogger(__name__)
 
-NAMESPACE = "llmos"
+NAMESPACE = ACTOR_NAMESPACE
 WAIT_S = 30.0
 """How long one long poll of `changes` waits for a change."""
 IDLE_S = 300.0
@@ -192,17 +194,4 @@ class TableFollower:
 
 def adapter_table(name: str):
     """The actor named `name`, started if there is none."""
-    import ray
-
-    options = dict(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-                   max_restarts=-1, max_task_retries=-1)
-    for attempt in range(5):
-        try:
-            return ray.remote(AdapterTable).options(**options).remote()
-        except ValueError:  # two replicas created it at once: the other one won
-            time.sleep(0.2 * (attempt + 1))
-            try:
-                return ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:
-                continue
-    raise RuntimeError(f"adapter table actor {name} could not be started")
+    return detached_actor(AdapterTable, name, max_restarts=-1, max_task_retries=-1)

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from typing import Any, Optional
 
 from llmos_ray.errors import ConfigError
+from llmos_ray.runtime import ACTOR_NAMESPACE, detached_actor
 from llmos_ray.serve.keys import KeyRecord
 from llmos_ray.serve.ledger import GROUPS, Ledger, day_of, parse_since
 from llmos_ray.serve.metrics import get_metrics
@@ -37,7 +38,7 @@ from llmos_ray.serve.validation import shown
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "llmos"
+NAMESPACE = ACTOR_NAMESPACE
 FLUSH_S = 0.5
 BATCH = 256
 SEEN = 100_000
@@ -164,21 +165,8 @@ def _app_gone(app_name: str) -> bool:
 
 def meter_actor(app_name: str, url: str):
     """The application's meter actor, started if there is none (any replica may be first)."""
-    import ray
-
-    name = meter_name(app_name, url)
-    options = dict(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-                   max_concurrency=16, max_restarts=-1, max_task_retries=3)
-    for attempt in range(5):
-        try:
-            return ray.remote(UsageMeter).options(**options).remote(url, app_name)
-        except ValueError:  # two replicas created it at once: the other one won
-            time.sleep(0.2 * (attempt + 1))
-            try:
-                return ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:
-                continue
-    raise RuntimeError(f"usage meter actor {name} could not be started")
+    return detached_actor(UsageMeter, meter_name(app_name, url), url, app_name, max_concurrency=16, max_restarts=-1,
+                          max_task_retries=3)
 
 
 def stop_meter(app_name: str, url: str) -> bool:

@@ -94,13 +94,13 @@ class Limiter:
         without asking, reserved in the rpm window now (`when`) — `release` what it did not use.
         Each replica gets at most 1/(2 x replicas) of what is left under every limit (tokens
         counted at the key's largest request so far, not reserved: charged when they end); 0 near
-        a limit (within 2 x replicas requests of an rpm), where every request is asked about."""
+        a limit (an rpm's last 4 x replicas requests of a window), where every request is asked about."""
         now, share = self.clock(), 2 * max(1, replicas)
         per = self.largest.get(name, UNKNOWN_REQUEST_TOKENS)
         room = [MAX_HEADROOM]
         if limits.get("rpm"):
             window = self.requests.setdefault(name, deque())
-            # the last `share` requests of a window are never handed out: a key of a few rpm is asked about
+            # headroom only while more than 2 x share requests are left: a key of a few rpm is asked about
             # every time, so its first refusal is exactly its rpm+1-th request whichever replica it reaches
             room.append((limits["rpm"] - sum(1 for t in window if t > now - WINDOW_S) - share) // share)
         if limits.get("tpm"):
