@@ -197,6 +197,10 @@ class TrainConfig:
     """Sequences per worker per forward pass."""
     global_batch_size: Optional[int] = None
     """Sequences per optimizer step across workers; gradient accumulation makes up the rest."""
+    balance_lengths: bool = True
+    """Classification and seq2seq fine-tuning: split each micro-step's examples among the workers
+    by length (the one with the longest takes fewer), each worker's loss weighted so the gradient
+    is the whole micro-step's mean; off = `micro_batch_size` rows per worker in stored order."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1

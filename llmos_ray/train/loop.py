@@ -174,7 +174,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     restore(training, resume, worker)
     state = resume.state
     reader = open_reader(loop_config.get("train_array"), worker.cfg, worker.job, worker.rank, worker.world,
-                         state.data)
+                         state.data, training.task)
     throughput = measure_throughput(worker, training.model)
     wandb_run = start_wandb(worker.cfg) if worker.rank == 0 else None
 
@@ -357,11 +357,11 @@ def measure_throughput(worker: Worker, model) -> Throughput:
 
 
 def train_step(training: Training, reader, worker: Worker, window: MetricsWindow) -> None:
-    """One optimizer step: its micro-batches (train.global_batch_size / micro-batch / workers), each
-    forward and backward (DeepSpeed steps the optimizer after the last one)."""
+    """One optimizer step: each micro-batch's forward and backward (DeepSpeed steps after the last one)."""
     engine, task = training.engine, training.task
     for micro in range(worker.accumulation):
         loss, extras = task.loss(engine, task.batch(reader.next_agreed(worker.dist), worker.device))
+        loss = loss * reader.loss_weight  # 1.0 unless balanced by length (readers.ArrayReader)
         engine.backward(loss)
         if micro == worker.accumulation - 1 and _norm_unrecorded(engine):
             training.grad_norm = _grad_norm(training.model)

@@ -21,13 +21,17 @@ START = {"epoch": 0, "micro_batches": 0}
 """The data position of a run that starts from the beginning."""
 
 
-def open_reader(train_array: Optional[np.ndarray], cfg: Config, job: str, rank: int, world: int, position: dict):
-    """Micro-batches of the in-memory training array, else of this worker's "train" dataset shard."""
+def open_reader(train_array: Optional[np.ndarray], cfg: Config, job: str, rank: int, world: int, position: dict,
+                task=None):
+    """Micro-batches of the in-memory training array, else of this worker's "train" dataset shard.
+    A task that cuts micro-batches to their longest example (its `lengths` and `loss_units`) gets
+    them balanced by length across the workers unless train.balance_lengths is off (balance.py)."""
     import ray.train
 
     if train_array is not None:
+        balance = task if cfg.train.balance_lengths and getattr(task, "lengths", None) is not None else None
         return ArrayReader(train_array, cfg.train.micro_batch_size, rank, world, position,
-                           shuffle_seed=cfg.run.seed if job != "pretrain" else None)
+                           shuffle_seed=cfg.run.seed if job != "pretrain" else None, balance=balance)
     return ShardReader(ray.train.get_dataset_shard("train"), cfg.data.seq_len + 1, cfg.train.micro_batch_size,
                        position)
 
@@ -62,6 +66,7 @@ class ShardReader:
         self.shard, self.block_len, self.micro_batch = shard, block_len, micro_batch
         self.position = dict(position or START)
         self.dropped_blocks = 0
+        self.loss_weight = 1.0  # every rank's loss counts alike (ArrayReader may balance by length)
         self._it: Optional[Iterator[np.ndarray]] = None
         require_ordered(shard)
 
@@ -119,12 +124,18 @@ class ArrayReader:
     """Micro-batches from an in-memory array of blocks (fine-tuning sets, exact-parity tests):
     micro-step k of rank r takes rows [(k * world + r) * micro, +micro) of the epoch's order (the
     stored order, or a seeded shuffle per epoch), so every global step sees the same rows whatever
-    the worker count."""
+    the worker count.
+
+    With `balance` (a task's `lengths(rows)` and `loss_units(rows)`), micro-step k's world x micro
+    rows are split among the ranks by length instead (balance.balanced_groups: the rank with the
+    longest examples takes fewer), and `loss_weight` is what this rank's mean loss is multiplied
+    by for the average over ranks to be the micro-step's mean over all its rows (1.0 without)."""
 
     def __init__(self, blocks: np.ndarray, micro_batch: int, rank: int, world: int, position: Optional[dict] = None,
-                 shuffle_seed: Optional[int] = None):
+                 shuffle_seed: Optional[int] = None, balance=None):
         self.blocks, self.micro_batch, self.rank, self.world = blocks, micro_batch, rank, world
-        self.shuffle_seed = shuffle_seed
+        self.shuffle_seed, self.balance = shuffle_seed, balance
+        self.loss_weight = 1.0
         self.position = dict(position or START)
         self.per_epoch = len(blocks) // (micro_batch * world)
         if self.per_epoch == 0:
@@ -134,9 +145,18 @@ class ArrayReader:
     def next_agreed(self, dist=None) -> np.ndarray:
         if self.position["micro_batches"] >= self.per_epoch:
             self.position = {"epoch": self.position["epoch"] + 1, "micro_batches": 0}
-        start = (self.position["micro_batches"] * self.world + self.rank) * self.micro_batch
+        step_rows = self.micro_batch * self.world
+        start = self.position["micro_batches"] * step_rows
         self.position["micro_batches"] += 1
-        rows = np.arange(start, start + self.micro_batch)
+        rows = np.arange(start, start + step_rows)
         if self.shuffle_seed is not None:  # a new order every epoch, the same on every rank and run
             rows = np.random.default_rng(self.shuffle_seed + self.position["epoch"]).permutation(len(self.blocks))[rows]
-        return self.blocks[rows]
+        if self.balance is None:
+            return self.blocks[rows[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch]]
+        from llmos_ray.train.balance import balanced_groups
+
+        step = self.blocks[rows]
+        groups = balanced_groups(self.balance.lengths(step), self.world)
+        units = [float(self.balance.loss_units(step[g])) for g in groups]
+        self.loss_weight = self.world * units[self.rank] / max(sum(units), 1e-12)
+        return step[groups[self.rank]]

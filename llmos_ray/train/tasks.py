@@ -147,6 +147,16 @@ class SequenceClassification:
         out["labels"] = torch.tensor(np.ascontiguousarray(micro["labels"]), dtype=kind, device=device)
         return out
 
+    def lengths(self, micro: np.ndarray) -> np.ndarray:
+        """Each example's tokens: what its micro-batch is padded by (readers.ArrayReader's balancing)."""
+        return micro["attention_mask"].sum(axis=1)
+
+    def loss_units(self, micro: np.ndarray) -> float:
+        """The denominator of the micro-batch's mean loss: its examples (weighted: their label weights)."""
+        if self.class_weights and not self.multi_label:
+            return float(np.asarray(self.class_weights)[micro["labels"]].sum())
+        return float(len(micro))
+
     def _logits(self, engine, batch: dict[str, Any]):
         return engine(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
 
@@ -196,6 +206,14 @@ class Seq2SeqLM:
                 "attention_mask": tensor(micro["attention_mask"][:, :width]),
                 "decoder_input_ids": tensor(shifted), "labels": tensor(labels)}
 
+    def lengths(self, micro: np.ndarray) -> np.ndarray:
+        """[examples, 2]: each pair's source and target tokens (readers.ArrayReader's balancing)."""
+        return np.stack([micro["attention_mask"].sum(axis=1), (micro["labels"] != -100).sum(axis=1)], axis=1)
+
+    def loss_units(self, micro: np.ndarray) -> float:
+        """The denominator of the micro-batch's mean loss: its target tokens."""
+        return float((micro["labels"] != -100).sum())
+
     def _logits(self, engine, batch: dict[str, Any]):
         return engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
@@ -225,6 +243,7 @@ class SpanCorruption(Seq2SeqLM):
     noise_density: float = 0.15
     mean_span_length: float = 3.0
     name = "span_corruption"
+    lengths = None  # packed blocks of one length: nothing to balance
 
     def batch(self, micro: np.ndarray, device) -> dict[str, Any]:
         import zlib

@@ -65,7 +65,7 @@ def engines_loop(specs: list[Spec], out_dir: str):
                 ckpt_io.restore_rng = real_restore_rng
             state = resume.state
             reader = open_reader(loop_config["train_array"], worker.cfg, worker.job, worker.rank, worker.world,
-                                 state.data)
+                                 state.data, training.task)
             cfg, engine = worker.cfg, training.engine
             tokens = cfg.train.micro_batch_size * cfg.data.seq_len * worker.accumulation * worker.world
             throughput = steps.Throughput(tokens, 1.0, 1.0)

@@ -4,9 +4,9 @@ One translator is fine-tuned per session (tests/conftest.py `seq2seq_run`: t5-ti
 the embedded en->fr pairs' shipped sample, ZeRO-3 on 2 workers, checkpoints at steps 40, 80 and 120).
 The trusted run is a plain single-process PyTorch loop in this test, over the first 40 steps: the
 same initial weights (build_model from run.seed), the same global batches (ArrayReader's seeded
-order: step k takes rows [k·16, (k+1)·16) of the epoch's permutation, 8 per rank), the per-rank
-mean target-token loss averaged over ranks (as DeepSpeed averages gradients), clip_grad_norm_,
-AdamW and the warmup + cosine schedule.
+order: step k takes rows [k·16, (k+1)·16) of the epoch's permutation), one mean target-token loss
+over each step's 16 pairs (the workers split them by length and weigh their losses by their share of
+the target tokens: train.balance_lengths), clip_grad_norm_, AdamW and the warmup + cosine schedule.
 The loop logs every 4th step the mean loss of the 4 steps since the last line; the reference's
 losses are averaged the same way.
 Tolerances: ZeRO-3 changes only the order of floating-point sums (partitioned reductions), which
@@ -60,17 +60,14 @@ def reference(seq2seq_run):
     for step in range(REFERENCE_STEPS):
         epoch, k = divmod(step, per_epoch)
         order = np.random.default_rng(cfg.run.seed + epoch).permutation(len(train.array))
-        total = 0.0
-        for rank in range(world):
-            rows = order[(k * world + rank) * micro:(k * world + rank + 1) * micro]
-            loss = task.loss(model, task.batch(train.array[rows], "cpu"))[0]
-            (loss / world).backward()
-            total += loss.item() / world
+        rows = order[k * world * micro:(k + 1) * world * micro]
+        loss = task.loss(model, task.batch(train.array[rows], "cpu"))[0]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(total)
+        losses.append(loss.item())
     return losses, model.state_dict()
 
 
