@@ -12,9 +12,12 @@ Face's `Trainer` fine-tuning the same model on the same examples, and the held-o
               AdamW settings and warmup + cosine schedule (to lr * train.min_lr_ratio), gradient
               clipping; timed per optimizer step by a callback over the same steps as ours.
 
-Both pad each batch to its longest example. Accuracy: each trained model's argmax on the same
-held-out records (the embedded set's own split), in one process. Prints both figures, the machine
-and `ratio=<ours/baseline>` (examples/s) last. Goal: >= 1.0 with accuracy within 1 point.
+Both train on the same global batches: the baseline pads each to its longest example; our workers
+split each by length (train.balance_lengths: the one with the longest examples takes fewer), each
+padding its share to its own longest, losses weighted to the batch's mean.
+Accuracy: each trained model's argmax on the same held-out records (the embedded set's own
+split), in one process. Prints both figures, the machine and `ratio=<ours/baseline>` (examples/s)
+last. Goal: >= 1.0 with accuracy within 1 point.
 
     .venv/bin/python bench/classify_vs_hf_trainer.py [--steps 600] [--size small] [--per-label 1000]
 """
@@ -140,7 +143,8 @@ def main() -> int:
 
     g = args.micro_batch * args.workers
     print(f"\ndata: {len(train.array)} training / {len(val.array)} held-out records of {len(labels)} languages "
-          f"({source.get('source')}), {data_s:.0f} s to read and tokenize; padded per batch to its longest")
+          f"({source.get('source')}), {data_s:.0f} s to read and tokenize; the same batches: the baseline's "
+          "padded to their longest, ours per worker's length-balanced share")
     print(f"model: bert {args.size} from scratch, {base['params'] / 1e6:.2f}M parameters, vocab {len(tokenizer)}; "
           f"global batch {g}; {args.steps} steps, steps {skip + 1}-{args.steps} measured; fp32, CPU")
     print(f"baseline, transformers.Trainer, 1 process x {args.workers} threads: {base['examples_per_s']:8,.1f} "

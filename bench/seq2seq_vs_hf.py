@@ -11,9 +11,12 @@
               cosine schedule and gradient clipping; timed per optimizer step by a callback over
               the same steps as ours.
 
-Both pad each batch to its longest source and target. Target tokens/s = examples/s x the mean target
-length (EOS included) of the training pairs, the same factor for both. Prints both figures, the
-machine and `ratio=<ours/baseline>` last. Goal: >= 0.9.
+Both train on the same global batches: the baseline pads each to its longest source and target;
+our workers split each by length (train.balance_lengths: the one with the longest pairs takes
+fewer), each padding its share to its own longest, losses weighted to the batch's mean per target
+token, the baseline's loss. The last window's training loss of both is printed.
+Target tokens/s = examples/s x the mean target length (EOS included) of the training pairs, the
+same factor for both. Prints both figures, the machine and `ratio=<ours/baseline>` last. Goal: >= 0.9.
 
     .venv/bin/python bench/seq2seq_vs_hf.py [--steps 100] [--size small] [--pairs 4000]
 """
@@ -109,7 +112,8 @@ def main() -> int:
 
     g = args.micro_batch * args.workers
     print(f"\ndata: {train.counts['examples']} training pairs ({source.get('source')}), {per_target:.1f} target "
-          f"tokens each on average; padded per batch to its longest source and target")
+          "tokens each on average; the same batches: the baseline's padded to their longest source and target, "
+          "ours per worker's length-balanced share")
     print(f"model: t5 {args.size} from scratch, {base['params'] / 1e6:.2f}M parameters, vocab {len(tokenizer)}; "
           f"global batch {g}; {args.steps} steps, steps {skip + 1}-{args.steps} measured; fp32, CPU")
     b, m = base["examples_per_s"] * per_target, mine["examples_per_s"] * per_target
@@ -117,6 +121,8 @@ def main() -> int:
           f"({base['step_s']:.3f} s/step; whole train() {base['wall_s']:.0f} s)")
     print(f"ours, llmos finetune finetune.task=seq2seq, {args.workers} workers x 1 thread, ZeRO-2: {m:8,.1f} target "
           f"tok/s ({mine['step_s']:.3f} s/step; whole finetune() {mine['wall_s']:.0f} s with Ray start-up and export)")
+    print(f"training loss of the last {args.log_every} steps (mean per target token): ours {mine['last_loss']:.4f}, "
+          f"baseline {base['last_loss']:.4f}")
     if load_at_start > 0.5:
         print(f"WARNING: the machine was busy (load average {load_at_start:.1f} at start): these timings are noise; "
               "measure on a quiet machine.")
