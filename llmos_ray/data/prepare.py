@@ -15,6 +15,7 @@ dropped_short, duplicates, bad_by_file with line numbers), token and block count
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import time
@@ -59,9 +60,14 @@ def _prepare(cfg) -> dict:
     if fs.exists(f"{root}/stats.json"):
         fs.rm(f"{root}/stats.json")
     save_config(cfg, f"{out}/config.yaml")
-    init_ray()
+    # The tokenizer (loading one imports torch and transformers, ~5 s on 2 slow cores; or training one)
+    # needs no Ray: it comes while Ray starts, whose own start mostly waits for its daemons.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+        pending = pool.submit(get_tokenizer, cfg)
+        init_ray()
+        with reraise_ours():
+            tokenizer = pending.result()
     with reraise_ours():
-        tokenizer = get_tokenizer(cfg)
         train = _write_split(cfg, tokenizer, "train", f"{out}/data/train")
         counts = corpus_stats(cfg, "train")
         if train["tokens"] == 0:
