@@ -127,9 +127,8 @@ def timed_finetune(cfg, skip_steps: int) -> dict:
                 steps, seconds = steps + h["step"] - prev, seconds + h["step_time_s"] * (h["step"] - prev)
             prev = h["step"]
     global_batch = cfg.train.micro_batch_size * cfg.train.num_workers
-    losses = [h["loss"] for h in result.history if "loss" in h]
     return {"examples_per_s": global_batch * steps / seconds, "step_s": seconds / steps, "wall_s": wall,
-            "export": result.export_dir, "last_loss": losses[-1] if losses else None}
+            "export": result.export_dir, "last_loss": last_loss(result.history)}
 
 
 def our_order(n_rows: int, cfg) -> np.ndarray:
@@ -179,6 +178,10 @@ def timed_hf_train(trainer, skip_steps: int) -> dict:
     seconds = stamps[-1] - stamps[skip_steps - 1] if skip_steps else stamps[-1] - start
     measured = trainer.args.max_steps - skip_steps
     global_batch = trainer.args.per_device_train_batch_size
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"examples_per_s": global_batch * measured / seconds, "step_s": seconds / measured, "wall_s": wall,
-            "last_loss": losses[-1] if losses else None}
+            "last_loss": last_loss(trainer.state.log_history)}
+
+
+def last_loss(history: list[dict]):
+    """The newest training loss in a list of logged metrics (ours' result.history, a Trainer's log_history)."""
+    return next((h["loss"] for h in reversed(history) if "loss" in h), None)

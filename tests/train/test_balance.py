@@ -90,7 +90,8 @@ def test_weighted_worker_losses_give_the_whole_micro_steps_gradient():
                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     examples = np.zeros(16, dtype=[("input_ids", np.int32, (24,)), ("attention_mask", np.int8, (24,)),
                                    ("labels", np.int64)])
-    examples["input_ids"], examples["attention_mask"] = pairs(16, 2)["input_ids"], pairs(16, 2)["attention_mask"]
+    source = pairs(16, 2)
+    examples["input_ids"], examples["attention_mask"] = source["input_ids"], source["attention_mask"]
     examples["labels"] = np.arange(16) % 3
     classify = (bert, SequenceClassification(class_weights=[0.5, 1.0, 2.0]), examples)
     for model, task, rows in (seq2seq, classify):
