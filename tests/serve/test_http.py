@@ -293,12 +293,15 @@ def test_ready_made_apps(server):
 
 
 def _wait_for_app(client, name: str, version: int) -> dict:
-    """The catalogue entry of `name` once the server lists `version` (it re-reads the library every 0.2 s)."""
+    """The catalogue entry of `name` once the server lists `version`. Each ingress replica re-reads the
+    library at most every serve.apps_refresh_s (0.2 s here) and the listing came from one of two, so
+    after it shows `version` the wait goes on one more interval: by then every replica serves it."""
     deadline = time.time() + 30
     while True:
         listed = {a["name"]: a for a in client.get("/v1/apps").json()["data"]}
         if listed.get(name, {}).get("version") == version or time.time() > deadline:
             assert listed.get(name, {}).get("version") == version, listed.get(name)
+            time.sleep(0.2 + 0.1)
             return listed[name]
         time.sleep(0.2)
 
