@@ -99,10 +99,13 @@ class Ledger:
 
     `split` is the split this ledger emits. With `val_fraction` set, validation documents are
     held out of this corpus by key; without it (a separate data.val_paths corpus) every kept
-    document belongs to `split`."""
+    document belongs to `split`. Split "both" (held out by key only) emits every kept document
+    with a boolean column `val`: both splits in one pass over the corpus."""
 
     def __init__(self, uris: list[str], split: str, *, min_chars: int, dedup: bool,
                  val_fraction: Optional[float]):
+        if split == "both" and val_fraction is None:
+            raise ValueError("a ledger of both splits holds documents out by key: it needs val_fraction")
         self.uris, self.split = uris, split
         self.min_chars, self.dedup = min_chars, dedup
         self.threshold = None if val_fraction is None else _threshold(val_fraction)
@@ -123,7 +126,8 @@ class Ledger:
                    val_fraction=data.val_fraction if held_out else None)
 
     def add(self, block: pa.Table) -> pa.Table:
-        """Account for `block` (READ_SCHEMA); return the documents of this ledger's split: {text}.
+        """Account for `block` (READ_SCHEMA); return the documents of this ledger's split: {text}
+        ({text, val} for split "both").
 
         Raises RuntimeError when blocks arrive out of corpus order (counts and dedup depend on it)."""
         if block.num_rows:
@@ -165,6 +169,8 @@ class Ledger:
         n_val = pc.sum(val).as_py() or 0
         self.val_documents += n_val
         self.train_documents += block.num_rows - n_val
+        if self.split == "both":
+            return pa.table({"text": block["text"], "val": val})
         return block.filter(val if self.split == "val" else pc.invert(val)).select(["text"])
 
     def close(self, component: int = 0) -> pa.Table:

@@ -7,6 +7,10 @@
     TokenizeAndPack  tasks    one such row → rows {"input_ids": int32} of seq_len + 1 tokens
     limit            —        data.val_max_blocks rows (validation only)
 
+Split "both" (a held-out share of one plain corpus: what `llmos data prepare` writes) streams both
+splits in one pass: the ledger's rows and the packed rows carry `split` (0 train, 1 val), and each
+split's rows are exactly those of its own pipeline, in the same order (the consumer caps val).
+
 Execution preserves order (`preserve_order=True` on each dataset's context), and a batch of
 documents is one row, so batch boundaries (hence the tail rows) depend only on the documents —
 not on how Ray sizes blocks or how many read tasks there are: the stream is the same on every run
@@ -32,6 +36,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from llmos_ray.data.corpus import resolve_corpus
 from llmos_ray.data.documents import READ_SCHEMA, Ledger, read_blocks, record_limit
@@ -50,6 +55,14 @@ READ_UNIT_FILES = 512
 """... or until this many files are in the unit."""
 BATCH_SCHEMA = pa.schema([("texts", pa.list_(pa.large_string()))])
 PACKED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
+SPLITS = ("train", "val")
+"""The `split` column's values of a "both" pipeline: index into this."""
+
+
+def in_one_pass(data) -> bool:
+    """Whether both splits of `data` can stream in one pass (split "both"): validation held out of
+    a plain corpus by key (not a separate data.val_paths corpus, not a data.mix mixture)."""
+    return data.val_fraction > 0 and not data.val_paths and not data.mix
 
 
 def has_validation(data) -> bool:
@@ -87,7 +100,6 @@ def read_units(sources: list[Source]) -> list[list[int]]:
 def documents_dataset(cfg, split: str = "train"):
     """The cleaned documents of `split` ("train" or "val") as a Ray Dataset of rows {"text"}, in
     corpus order. Counts are published while it streams (`corpus_stats(cfg, split)`)."""
-    import pyarrow.compute as pc
 
     def explode(batch: pa.Table) -> pa.Table:
         return pa.table({"text": pc.list_flatten(batch.column("texts"))})
@@ -98,20 +110,25 @@ def documents_dataset(cfg, split: str = "train"):
 
 def document_batches(cfg, split: str = "train"):
     """The cleaned documents of `split` in rows {"texts": [data.batch_docs documents]} (the last
-    row may hold fewer), in corpus order: the input of the packing stage."""
+    row may hold fewer), in corpus order: the input of the packing stage. Split "both": rows
+    {"texts", "split"} of either split (`in_one_pass` says when)."""
     import ray
 
     data = cfg.data
     if split == "val" and not has_validation(data):
         raise DataError("no validation split: set data.val_fraction > 0 or data.val_paths")
-    corpus = resolve_corpus(data, split)
+    if split == "both" and not in_one_pass(data):
+        raise DataError("both splits stream in one pass only when data.val_fraction holds validation out of "
+                        "data.paths (no data.val_paths, no data.mix)")
+    corpus = resolve_corpus(data, "train" if split == "both" else split)
     units, ends = mix_units(corpus) if corpus.mix else plain_units(corpus)
     log.info("%s corpus: %s (%d read task%s)", split, corpus.description, len(units), "s"[:len(units) != 1])
     board = stats_actor(cfg.run.name, split)
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(ReadCorpus(corpus, units, ends), batch_size=1, batch_format="numpy", num_cpus=1)
-    limit = record_limit(data, split) if not corpus.mix else None  # a mixture caps the documents it mixes
+    # A mixture caps the documents it mixes (in its ledger), a plain corpus the records read.
+    limit = record_limit(data, "train" if split == "both" else split) if not corpus.mix else None
     if limit is not None:
         ds = ds.limit(limit)
     ledger = MixLedger.for_config(data, corpus, split) if corpus.mix else Ledger.for_config(data, corpus, split)
@@ -133,7 +150,8 @@ def packed_dataset(cfg, tokenizer, split: str = "train"):
     Each batch of data.batch_docs documents is tokenized (no special tokens added), each
     document followed by EOS, and cut into rows of seq_len + 1 tokens plus at most one shorter
     tail row; consumers join tails with `iter_blocks`. `tokenizer` is a transformers tokenizer
-    (see `get_tokenizer`) or a directory. Validation is capped at data.val_max_blocks rows."""
+    (see `get_tokenizer`) or a directory. Validation is capped at data.val_max_blocks rows. Split
+    "both": rows {"input_ids", "split"} of both splits, validation not capped (the consumer does)."""
     if isinstance(tokenizer, str):
         from llmos_ray.data.tokenizer import load_tokenizer
 
@@ -206,7 +224,8 @@ class CountAndSplit:
 
         self._ray = ray
         self.ledger, self.board = ledger, board
-        self.batcher = Batcher(batch_docs)
+        both = getattr(ledger, "split", None) == "both"
+        self.batchers = [Batcher(batch_docs) for _ in (SPLITS if both else SPLITS[:1])]
         self.record_limit = record_limit
         self.run_name = run_name
         self.execution = uuid.uuid4().hex
@@ -219,13 +238,25 @@ class CountAndSplit:
         start = 0
         for at in [*np.flatnonzero(files < 0).tolist(), block.num_rows]:  # end markers: file -1 - component
             if at > start:
-                self.batcher.push(self.ledger.add(block.slice(start, at - start)))
+                self._push(self.ledger.add(block.slice(start, at - start)))
             if at < block.num_rows:
-                self.batcher.push(self.ledger.close(-1 - int(files[at])))
+                self._push(self.ledger.close(-1 - int(files[at])))
             start = at + 1
         self._report()
         ended = self.ledger.done or (self.record_limit is not None and self.ledger.records >= self.record_limit)
-        return self.batcher.pop(final=ended)
+        if len(self.batchers) == 1:
+            return self.batchers[0].pop(final=ended)
+        rows = [b.pop(final=ended) for b in self.batchers]
+        split = pa.array(np.repeat(np.arange(len(rows), dtype=np.int8), [r.num_rows for r in rows]))
+        return pa.concat_tables(rows).append_column("split", split)
+
+    def _push(self, documents: pa.Table) -> None:
+        """The ledger's documents to the batcher of their split ({text, val}: a "both" ledger's)."""
+        if "val" not in documents.column_names:
+            return self.batchers[0].push(documents)
+        val = documents.column("val")
+        self.batchers[0].push(documents.filter(pc.invert(val)))
+        self.batchers[1].push(documents.filter(val))
 
     def _report(self) -> None:
         counts = self.ledger.counts()
@@ -314,9 +345,11 @@ class TokenizeAndPack:
         return enc(texts, add_special_tokens=False)["input_ids"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow.compute as pc
-
         texts = pc.list_flatten(batch.column("texts")).to_pylist()
         values, offsets = pack_documents(self.encode(texts), self.eos_id, self.block_len)
-        return pa.Table.from_arrays([pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))],
-                                    schema=PACKED_SCHEMA)
+        packed = pa.Table.from_arrays([pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))],
+                                      schema=PACKED_SCHEMA)
+        if "split" in batch.column_names:  # a "both" pipeline: one batch of documents is of one split
+            packed = packed.append_column("split", pa.array(np.full(packed.num_rows, batch["split"][0].as_py(),
+                                                                    dtype=np.int8)))
+        return packed

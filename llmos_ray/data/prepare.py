@@ -48,7 +48,7 @@ def _prepare(cfg) -> dict:
 
     from llmos_ray.config import save_config
     from llmos_ray.data.corpus import resolve_corpus
-    from llmos_ray.data.pipeline import has_validation
+    from llmos_ray.data.pipeline import has_validation, in_one_pass
     from llmos_ray.data.stats import corpus_stats
     from llmos_ray.data.tokenizer import get_tokenizer, tokenizer_dir
     from llmos_ray.errors import reraise_ours
@@ -68,18 +68,21 @@ def _prepare(cfg) -> dict:
         with reraise_ours():
             tokenizer = pending.result()
     with reraise_ours():
-        train = _write_split(cfg, tokenizer, "train", f"{out}/data/train")
-        counts = corpus_stats(cfg, "train")
+        # A held-out share streams with the training split in one pass over the corpus.
+        first = "both" if in_one_pass(cfg.data) else "train"
+        dests = {"train": f"{out}/data/train", "val": f"{out}/data/val"}
+        written = _write_splits(cfg, tokenizer, first, dests if first == "both" else {"train": dests["train"]})
+        train, val = written["train"], written.get("val")
+        counts = corpus_stats(cfg, first)
         if train["tokens"] == 0:
             raise DataError(f"the corpus left no training documents: {_describe(counts, cfg)}")
-        val: Optional[dict] = None
-        if has_validation(cfg.data):
-            val = _write_split(cfg, tokenizer, "val", f"{out}/data/val")
-            if val["tokens"] == 0:
-                log.warning("the validation split is empty: no document fell in data.val_fraction=%g of %d; raise "
-                            "it or set data.val_paths", cfg.data.val_fraction, counts.get("documents", 0))
+        if val is None and has_validation(cfg.data):
+            val = _write_splits(cfg, tokenizer, "val", {"val": dests["val"]})["val"]
             if cfg.data.val_paths:
                 counts = _merge(counts, corpus_stats(cfg, "val"))
+        if val is not None and val["tokens"] == 0:
+            log.warning("the validation split is empty: no document fell in data.val_fraction=%g of %d; raise "
+                        "it or set data.val_paths", cfg.data.val_fraction, counts.get("documents", 0))
     block_len = cfg.data.seq_len + 1
     seconds = time.time() - start
     corpus = resolve_corpus(cfg.data, "train")
@@ -106,51 +109,83 @@ def _prepare(cfg) -> dict:
     return stats
 
 
-def _write_split(cfg, tokenizer, split: str, dest: str) -> dict:
-    """Stream one split's packed rows into parquet part files under `dest`, in order."""
-    import fsspec
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+class _Parts:
+    """One split's packed rows into parquet part files under `dest`, in order; at most `cap` rows."""
 
-    from llmos_ray.data.pipeline import PACKED_SCHEMA, packed_dataset
+    def __init__(self, dest: str, cap: Optional[int] = None):
+        import fsspec
+
+        self.dest, self.cap = dest, cap
+        self.fs, self.root = fsspec.core.url_to_fs(dest)
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.rows = self.tokens = self.parts = self._part_tokens = 0
+        self._writer = self._file = None
+
+    def write(self, batch) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from llmos_ray.data.pipeline import PACKED_SCHEMA
+
+        if self.cap is not None:
+            batch = batch.slice(0, max(self.cap - self.rows, 0))
+        if batch.num_rows == 0:
+            return
+        if self._writer is None:
+            self._file = self.fs.open(f"{self.root}/part-{self.parts:05d}.parquet", "wb")
+            self._writer = pq.ParquetWriter(self._file, PACKED_SCHEMA, compression="zstd")
+            self.parts += 1
+        self._writer.write_table(batch.select(["input_ids"]).cast(PACKED_SCHEMA))
+        n = pc.sum(pc.list_value_length(batch.column("input_ids"))).as_py() or 0
+        self.rows, self.tokens, self._part_tokens = self.rows + batch.num_rows, self.tokens + n, self._part_tokens + n
+        if self._part_tokens >= PART_TOKENS:
+            self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            self._writer = self._file = None
+            self._part_tokens = 0
+
+    def result(self) -> dict:
+        return {"rows": self.rows, "tokens": self.tokens, "parts": self.parts}
+
+
+def _write_splits(cfg, tokenizer, split: str, dests: dict[str, str]) -> dict[str, dict]:
+    """Stream the packed rows of `split` ("train", "val", or "both": one pass) into parquet part files
+    under each split's destination in `dests`, in order; validation capped at data.val_max_blocks rows.
+    Per split: {"rows", "tokens", "parts"}."""
+    import pyarrow.compute as pc
+
+    from llmos_ray.data.pipeline import SPLITS, packed_dataset
     from llmos_ray.data.stats import corpus_stats
 
-    fs, root = fsspec.core.url_to_fs(dest)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    fs.makedirs(root, exist_ok=True)
+    parts = {name: _Parts(dest, cfg.data.val_max_blocks if name == "val" else None) for name, dest in dests.items()}
     ds = packed_dataset(cfg, tokenizer, split)
-    rows = tokens = part_tokens = parts = 0
-    writer = file = None
     started = last_log = time.time()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if batch.num_rows == 0:
-                continue
-            if writer is None:
-                file = fs.open(f"{root}/part-{parts:05d}.parquet", "wb")
-                writer = pq.ParquetWriter(file, PACKED_SCHEMA, compression="zstd")
-                parts += 1
-            writer.write_table(batch.cast(PACKED_SCHEMA))
-            n = pc.sum(pc.list_value_length(batch.column("input_ids"))).as_py() or 0
-            rows, tokens, part_tokens = rows + batch.num_rows, tokens + n, part_tokens + n
-            if part_tokens >= PART_TOKENS:
-                writer.close()
-                file.close()
-                writer = file = None
-                part_tokens = 0
+            if split != "both":
+                parts[split].write(batch)
+            else:
+                for code, name in enumerate(SPLITS):
+                    parts[name].write(batch.filter(pc.equal(batch.column("split"), code)))
             if time.time() - last_log >= PROGRESS_SECONDS:
                 last_log = time.time()
                 read = corpus_stats(cfg, split).get("records", 0)
+                tokens = sum(p.tokens for p in parts.values())
                 log.info("%s: %d records read, %s tokens packed (%.0f tokens/s)", split, read, f"{tokens:,}",
                          tokens / (last_log - started))
     finally:
-        if writer is not None:
-            writer.close()
-            file.close()
-    log.info("%s: %s tokens in %d rows, %d part file(s) -> %s (%.1f s)", split, f"{tokens:,}", rows, parts, dest,
-             time.time() - started)
-    return {"rows": rows, "tokens": tokens, "parts": parts}
+        for p in parts.values():
+            p.close()
+    for name, p in parts.items():
+        log.info("%s: %s tokens in %d rows, %d part file(s) -> %s (%.1f s)", name, f"{p.tokens:,}", p.rows, p.parts,
+                 p.dest, time.time() - started)
+    return {name: p.result() for name, p in parts.items()}
 
 
 def _merge(a: dict, b: dict) -> dict:

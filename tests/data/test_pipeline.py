@@ -143,6 +143,23 @@ def test_cleaning_dedup_cap_and_validation_split(make_cfg, tiny_tokenizer, tmp_p
         {"records": 60, "documents": 58, "dropped_short": 1, "duplicates": 1, "bad_records": 0}
     assert (stats["train_documents"], stats["val_documents"]) == (len(train_docs), len(val_docs))
 
+    # Both splits in one pass (what `llmos data prepare` streams): each split's rows are exactly its own
+    # pipeline's, boundaries included (validation uncapped: the consumer caps it); the same counts.
+    both = [b for b in packed_dataset(cfg, tiny_tokenizer, "both").iter_batches(batch_format="numpy", batch_size=None)]
+    split_rows = [[r.tolist() for b in both for r, s in zip(b["input_ids"], b["split"]) if s == code]
+                  for code in (0, 1)]
+    assert split_rows[0] == [r.tolist() for r in train]
+    assert split_rows[1][:len(val)] == [r.tolist() for r in val] and len(split_rows[1]) >= len(val)
+    np.testing.assert_array_equal(np.concatenate(split_rows[1]), token_stream(tiny_tokenizer, val_docs))
+    assert corpus_stats(cfg, "both") == stats
+
+
+def test_both_splits_in_one_pass_need_a_held_out_share(make_cfg, tiny_tokenizer, tmp_path):
+    cfg = make_cfg(paths=[write(tmp_path / "t.jsonl", jsonl(sample_docs(4)))],
+                   val_paths=[write(tmp_path / "v.jsonl", jsonl(sample_docs(2)))])
+    with pytest.raises(DataError, match="one pass only when data.val_fraction"):
+        packed_dataset(cfg, tiny_tokenizer, "both")
+
 
 def test_memory_filesystem_through_ray(make_cfg, tiny_tokenizer):
     import fsspec
